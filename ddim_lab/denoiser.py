@@ -1,0 +1,126 @@
+"""Denoiser adapters: a diffusers UNet as the ``denoiser(x, t, cond) -> ε`` of ``ddim_lab.ddim``.
+
+Classifier-free guidance and the prediction type (ε, v, x_0) live here, so the DDIM loops never know which
+network they call. Any object with the same call signature works in their place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Per-row conditioning: prompt embeddings, null (negative-prompt) embeddings and a CFG scale.
+
+    text, null: (B, L, D); guidance: (B,). Guidance 1 uses the prompt alone and guidance 0 the null prompt
+    alone (one network evaluation each); anything else costs two. ``extra`` holds further row-aligned
+    tensors for custom denoisers.
+    """
+
+    text: torch.Tensor
+    null: torch.Tensor | None
+    guidance: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> Conditioning:
+        return Conditioning(
+            text=self.text[rows],
+            null=None if self.null is None else self.null[rows],
+            guidance=self.guidance[rows],
+            extra={k: v[rows] for k, v in self.extra.items()},
+        )
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        nulls = [p.null for p in parts]
+        return Conditioning(
+            text=torch.cat([p.text for p in parts]),
+            null=None if any(n is None for n in nulls) else torch.cat(nulls),
+            guidance=torch.cat([p.guidance for p in parts]),
+            extra={k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra},
+        )
+
+
+def to_epsilon(
+    output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Convert a network output to ε at level ᾱ (B,): v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022, §4)."""
+    a = alpha.to(x.dtype).view(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x
+    if prediction_type == "sample":
+        return (x - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
+
+
+class UNetDenoiser:
+    """A diffusers ``UNet2DConditionModel`` (optionally with a ControlNet) as a guided ε-denoiser.
+
+    Counts ``unet_evals``: UNet rows evaluated (one per trajectory per step, two where guidance is not 0/1).
+    The DDIM math stays in the latents' dtype (fp32); the UNet runs in its own dtype.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        controlnet: torch.nn.Module | None = None,
+        controlnet_scale: float = 1.0,
+    ) -> None:
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod.double().cpu()
+        self.prediction_type = prediction_type
+        self.controlnet = controlnet
+        self.controlnet_scale = controlnet_scale
+        self.unet_evals = 0
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, cond: Conditioning, rows):
+        dtype = self.unet.dtype
+        kwargs = {}
+        if self.controlnet is not None:
+            down, mid = self.controlnet(
+                x.to(dtype),
+                t,
+                encoder_hidden_states=embeds.to(dtype),
+                controlnet_cond=cond.extra["control"][rows].to(dtype),
+                conditioning_scale=self.controlnet_scale,
+                return_dict=False,
+            )
+            kwargs = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        out = self.unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype), **kwargs).sample
+        self.unet_evals += len(x)
+        return out.to(x.dtype)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) → guided ε (B, C, H, W)."""
+        g = cond.guidance.to(x.device, x.dtype)  # (B,)
+        # 1. rows that need the prompt branch and rows that need the null branch
+        use_text = (g != 0).nonzero().flatten()
+        use_null = (g != 1).nonzero().flatten()
+        if len(use_null) and cond.null is None:
+            raise ValueError("guidance other than 1 needs null (negative-prompt) embeddings")
+        # 2. one UNet call over both branches
+        rows = torch.cat([use_text, use_null])
+        embeds = torch.cat([cond.text[use_text], cond.null[use_null] if len(use_null) else cond.text[:0]])
+        out = self._network(x[rows], t[rows], embeds, cond, rows)
+        # 3. ε at each row's timestep, then classifier-free guidance: ε̃ = ε_∅ + g (ε_c − ε_∅)
+        eps = to_epsilon(out, x[rows], self.alphas_cumprod[t[rows].cpu()].to(x.device), self.prediction_type)
+        eps_text = torch.zeros_like(x)
+        eps_null = torch.zeros_like(x)
+        eps_text[use_text] = eps[: len(use_text)]
+        eps_null[use_null] = eps[len(use_text) :]
+        g = g.view(-1, 1, 1, 1)
+        guided = eps_null + g * (eps_text - eps_null)
+        only_text, only_null = (g == 1).flatten(), (g == 0).flatten()
+        guided[only_text] = eps_text[only_text]
+        guided[only_null] = eps_null[only_null]
+        return guided

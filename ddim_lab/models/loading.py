@@ -1,0 +1,200 @@
+"""Load a Stable-Diffusion-format model, whatever its source, through diffusers' ``from_pretrained``.
+
+Sources: ``hub`` (a model id, from the local Hugging Face cache or the network), ``local`` (a diffusers
+directory), ``digits`` (the model shipped inside this package), ``build`` (random weights from committed
+architecture configs, saved once and loaded back like any other model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from omegaconf import DictConfig, OmegaConf
+
+from ddim_lab.denoiser import UNetDenoiser
+from ddim_lab.models.build import built_model_dir
+from ddim_lab.schedule import ddim_scheduler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HUB_HOST = ("huggingface.co", 443)
+
+
+class ModelUnavailable(RuntimeError):
+    """A model's weights cannot be had here; the message says how to provide them."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def shipped_model_dir() -> Path:
+    """The digits model inside the installed package."""
+    return Path(str(resources.files("ddim_lab") / "assets" / "digits-ldm"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_dir(model_id: str, revision: str | None) -> Path:
+    """The local snapshot of a hub model, downloading it only when the hub is reachable."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except Exception as err:  # any lookup failure means: not in the local cache
+        local_error = err
+    how = (
+        f"Model '{model_id}' is not in the local Hugging Face cache"
+        f" ({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+        f" and {{why}}. Provide it with `huggingface-cli download {model_id}` on a machine with network"
+        " (then copy the cache, or set HF_HOME), or save it with `save_pretrained` and run with"
+        " `model=local model.path=DIR`."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelUnavailable(how.format(why="HF_HUB_OFFLINE is set")) from local_error
+    if not _hub_reachable():
+        raise ModelUnavailable(how.format(why="the hub cannot be reached (no network)")) from local_error
+    log.info("downloading %s from the hub", model_id)
+    return Path(snapshot_download(model_id, revision=revision))
+
+
+def model_dir(spec: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
+    """Where the model's diffusers directory is, per its ``source``."""
+    source = spec["source"]
+    if source == "hub":
+        return _hub_dir(spec["id"], spec.get("revision"))
+    if source == "local":
+        path = Path(spec.get("path") or "")
+        if not spec.get("path") or not (path / "model_index.json").exists():
+            raise ModelUnavailable(
+                f"model.path={spec.get('path')!r} is not a diffusers directory (no model_index.json)"
+            )
+        return path
+    if source == "digits":
+        path = shipped_model_dir()
+        if not (path / "model_index.json").exists():
+            raise ModelUnavailable(f"the shipped digits model is missing from {path}; reinstall ddim_lab")
+        return path
+    if source == "build":
+        return built_model_dir(spec["arch"], spec["words"], spec.get("seed", 0), Path(cache_dir) / "models")
+    raise ValueError(f"unknown model source {source!r} (hub, local, digits, build)")
+
+
+@dataclass
+class LatentModel:
+    """A loaded SD-format pipeline with the few operations the lab needs."""
+
+    pipe: StableDiffusionPipeline
+    name: str
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype
+    _embeds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.pipe.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.prediction_type
+
+    def scheduler(self, **overrides: Any):
+        """A DDIMScheduler from the model's own scheduler config, with overrides."""
+        return ddim_scheduler(self.pipe.scheduler.config, **overrides)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, R, R) in [0, 1] → latents (B, 4, R/f, R/f): posterior mean × scaling factor."""
+        vae = self.pipe.vae
+        x = (images * 2 - 1).to(self.device, vae.dtype)
+        return (vae.encode(x).latent_dist.mean * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images (B, 3, R, R) in [0, 1], float32 on the CPU."""
+        vae = self.pipe.vae
+        x = vae.decode((latents / self.scaling_factor).to(self.device, vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, 77, D) for prompts, each distinct prompt encoded once."""
+        missing = sorted({p for p in prompts if p not in self._embeds})
+        if missing:
+            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            self._embeds.update({p: e for p, e in zip(missing, embeds.float(), strict=True)})
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    def denoiser(self) -> UNetDenoiser:
+        return UNetDenoiser(self.pipe.unet, self.pipe.scheduler.alphas_cumprod, self.prediction_type)
+
+
+def load_model(
+    spec: Mapping[str, Any], runtime: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike = ".cache"
+) -> LatentModel:
+    """Load the model described by a ``model`` config with ``runtime`` settings (device, dtype, GPU knobs)."""
+    spec = _plain_dict(spec)
+    runtime = _plain_dict(runtime or {})
+    if runtime.get("dtype", "fp32") not in DTYPES:
+        raise ValueError(f"runtime.dtype must be one of {sorted(DTYPES)}, got {runtime.get('dtype')!r}")
+    dtype = DTYPES[runtime.get("dtype", "fp32")]
+    device = resolve_device(runtime.get("device", "auto"))
+    path = model_dir(spec, cache_dir)
+    log.info("loading model %s from %s (%s, %s)", spec["name"], path, device, dtype)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(f"could not load model {spec['name']} from {path}: {err}") from err
+    pipe.set_progress_bar_config(disable=True)
+    if runtime.get("vae_fp32", True) and dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    _apply_knobs(pipe, runtime, device)
+    resolution = int(spec.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    return LatentModel(pipe=pipe, name=spec["name"], resolution=resolution, device=device, dtype=dtype)
+
+
+def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _apply_knobs(pipe: StableDiffusionPipeline, runtime: Mapping[str, Any], device: torch.device) -> None:
+    """GPU knobs: attention backend, channels_last, torch.compile, model CPU offload."""
+    attention = runtime.get("attention", "sdpa")
+    if attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()  # raises clearly when xformers is not installed
+    elif attention != "sdpa":
+        raise ValueError(f"runtime.attention must be sdpa or xformers, got {attention!r}")
+    if runtime.get("channels_last", False):
+        pipe.unet.to(memory_format=torch.channels_last)
+    if runtime.get("cpu_offload", False):
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if runtime.get("compile", False):
+        pipe.unet = torch.compile(pipe.unet)

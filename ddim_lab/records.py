@@ -1,0 +1,212 @@
+"""Result tables and image grids, written atomically so a crash never leaves a half-written file."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+COLUMNS: tuple[str, ...] = (
+    "image",
+    "prompt",
+    "edit_prompt",
+    "negative_prompt",
+    "task",
+    "model",
+    "scheduler",
+    "inverter",
+    "num_steps",
+    "inversion_guidance_scale",
+    "guidance_scale",
+    "start_step",
+    "eta",
+    "seed",
+    "dtype",
+    "psnr",
+    "ssim",
+    "lpips",
+    "lpips_net",
+    "latent_mse",
+    "vae_psnr",
+    "vae_lpips",
+    "unet_evals",
+    "inversion_cached",
+    "seconds",
+)
+
+FLOAT_COLUMNS = (
+    "inversion_guidance_scale",
+    "guidance_scale",
+    "eta",
+    "psnr",
+    "ssim",
+    "lpips",
+    "latent_mse",
+    "vae_psnr",
+    "vae_lpips",
+    "seconds",
+)
+INT_COLUMNS = ("num_steps", "start_step", "seed", "unet_evals")
+BOOL_COLUMNS = ("inversion_cached",)
+
+RESULTS_PARQUET = "results.parquet"
+RESULTS_CSV = "results.csv"
+
+GRID_PAD = 4  # pixels between cells and around the grid
+GRID_HEADER_LINES = 3  # most text lines in a column header
+_BACKGROUND = (255, 255, 255)
+_TEXT = (0, 0, 0)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _coerce(df: pd.DataFrame, columns: Iterable[str], dtype: str) -> None:
+    """Cast ``columns`` of ``df`` in place to ``dtype``; keep (with a warning) a column that can't be."""
+    for col in columns:
+        try:
+            df[col] = df[col].astype(dtype) if dtype != "float64" else pd.to_numeric(df[col]).astype(dtype)
+        except (TypeError, ValueError) as err:
+            logger.warning("column %r kept as %s: not castable to %s (%s)", col, df[col].dtype, dtype, err)
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame: the schema ``COLUMNS`` first (missing ones all NA), extra keys after, typed."""
+    df = pd.DataFrame.from_records(rows) if rows else pd.DataFrame()
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.Series([pd.NA] * len(df), index=df.index, dtype=object)
+    extras = [c for c in df.columns if c not in COLUMNS]
+    df = df[list(COLUMNS) + extras].copy()
+    _coerce(df, FLOAT_COLUMNS, "float64")
+    _coerce(df, INT_COLUMNS, "Int64")
+    _coerce(df, BOOL_COLUMNS, "boolean")
+    return df
+
+
+def write_results(rows: list[dict], run_dir: Path) -> pd.DataFrame:
+    """Write ``rows`` to ``run_dir/results.parquet`` and ``results.csv`` (each atomically); return the table."""
+    run_dir = Path(run_dir)
+    df = results_frame(rows)
+    atomic_write(run_dir / RESULTS_PARQUET, lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(run_dir / RESULTS_CSV, lambda tmp: df.to_csv(tmp, index=False))
+    logger.debug("wrote %d result rows to %s", len(df), run_dir)
+    return df
+
+
+def _to_pil(image: torch.Tensor, scale: int) -> Image.Image:
+    """A (3, H, W) float image in [0, 1] as a PIL image, upscaled ``scale``× with nearest neighbour."""
+    arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    pil = Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    return pil
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
+    """Break ``text`` into at most ``max_lines`` lines that fit ``width`` px; mark cut text with an ellipsis."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if font.getlength(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = word
+        while font.getlength(current) > width and len(current) > 1:  # hard-break a word too long for a line
+            cut = len(current) - 1
+            while cut > 1 and font.getlength(current[:cut]) > width:
+                cut -= 1
+            lines.append(current[:cut])
+            current = current[cut:]
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines[-1] = last + "…"
+    return lines
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[str], font, line_h: int) -> None:
+    x, y = xy
+    for i, line in enumerate(lines):
+        draw.text((x, y + i * line_h), line, fill=_TEXT, font=font)
+
+
+def save_grid(
+    path: Path,
+    columns: list[tuple[str, torch.Tensor]],
+    row_labels: list[str],
+    min_cell: int = 128,
+) -> Path:
+    """Save a labelled PNG grid: one column per (header, images (B,3,H,W) in [0,1]), one row per image.
+
+    Images smaller than ``min_cell`` px are upscaled by an integer factor (nearest neighbour). Row labels sit
+    in a left column, headers on top; long labels are wrapped and cut with an ellipsis.
+    """
+    if not columns:
+        raise ValueError("save_grid needs at least one column")
+    n_rows = len(row_labels)
+    for label, images in columns:
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != n_rows:
+            raise ValueError(
+                f"column {label!r}: expected ({n_rows}, 3, H, W) images, got {tuple(images.shape)}"
+            )
+
+    scales = [max(1, math.ceil(min_cell / min(images.shape[-2:]))) for _, images in columns]
+    cell_h = max(images.shape[-2] * s for (_, images), s in zip(columns, scales, strict=True))
+    cell_w = max(images.shape[-1] * s for (_, images), s in zip(columns, scales, strict=True))
+    label_w = max(cell_w, 96)
+    font_size = min(16, max(10, cell_w // 10))
+    font = ImageFont.load_default(size=font_size)
+    line_h = font_size + 2
+    header_h = GRID_HEADER_LINES * line_h + 2 * GRID_PAD
+    row_lines = max(1, (cell_h - GRID_PAD) // line_h)
+
+    width = label_w + len(columns) * (cell_w + GRID_PAD) + GRID_PAD
+    height = header_h + n_rows * (cell_h + GRID_PAD) + GRID_PAD
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+
+    for j, ((label, images), scale) in enumerate(zip(columns, scales, strict=True)):
+        x0 = label_w + GRID_PAD + j * (cell_w + GRID_PAD)
+        lines = _wrap(str(label), font, cell_w, GRID_HEADER_LINES)
+        _draw_lines(draw, (x0, GRID_PAD), lines, font, line_h)
+        for i in range(n_rows):
+            tile = _to_pil(images[i], scale)
+            y0 = header_h + i * (cell_h + GRID_PAD)
+            canvas.paste(tile, (x0 + (cell_w - tile.width) // 2, y0 + (cell_h - tile.height) // 2))
+
+    for i, label in enumerate(row_labels):
+        y0 = header_h + i * (cell_h + GRID_PAD)
+        lines = _wrap(str(label), font, label_w - 2 * GRID_PAD, row_lines)
+        _draw_lines(draw, (GRID_PAD, y0), lines, font, line_h)
+
+    return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))

@@ -1,0 +1,149 @@
+"""Tests for ddim_lab.report: merging run directories, the markdown summary, figures and the CLI."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ddim_lab.records import write_results
+from ddim_lab.report import main, summarize, varying_columns, write_report
+
+
+def _rows(num_steps: int, psnrs: list[float], lpips: list[float], guidance: float = 1.0, start: int = 0):
+    return [
+        {
+            "image": f"img{i}",
+            "model": "digits",
+            "inverter": "ddim",
+            "num_steps": num_steps,
+            "guidance_scale": guidance,
+            "start_step": start,
+            "psnr": p,
+            "ssim": 0.5 + p / 100,
+            "lpips": lp,
+            "unet_evals": 2 * num_steps,
+        }
+        for i, (p, lp) in enumerate(zip(psnrs, lpips, strict=True))
+    ]
+
+
+@pytest.fixture
+def multirun(tmp_path):
+    """A fake Hydra multirun dir: job 0 at 10 steps (LPIPS not measured), job 1 at 20 steps."""
+    root = tmp_path / "multirun"
+    write_results(_rows(10, [20.0, 22.0], [math.nan, math.nan]), root / "0")
+    write_results(_rows(20, [30.0, 34.0], [0.1, 0.3]), root / "1")
+    return root
+
+
+def _md_rows(text: str) -> list[dict[str, str]]:
+    """Parse the first markdown table of ``text`` into dicts of header → cell."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
+
+
+def test_merges_runs_with_run_dir(multirun):
+    df = write_report(multirun, multirun)
+    assert len(df) == 4
+    assert sorted(df["run_dir"].unique()) == ["0", "1"]
+    assert df.loc[df["run_dir"] == "1", "psnr"].tolist() == [30.0, 34.0]
+    back = pd.read_parquet(multirun / "report.parquet")
+    assert len(back) == 4 and "run_dir" in back.columns
+    assert varying_columns(back) == ["num_steps"]
+
+
+def test_varying_columns_detects_only_what_changes(tmp_path):
+    root = tmp_path / "m"
+    write_results(_rows(10, [1.0], [0.1], guidance=1.0), root / "a")
+    write_results(_rows(10, [2.0], [0.2], guidance=3.5), root / "b" / "nested")
+    df = write_report(root, tmp_path / "out")
+    assert varying_columns(df) == ["guidance_scale"]
+    assert sorted(df["run_dir"]) == ["a", "b/nested"]
+
+
+def test_single_run_dir(tmp_path):
+    write_results(_rows(10, [1.0, 3.0], [0.1, 0.2]), tmp_path)
+    df = write_report(tmp_path, tmp_path)
+    assert df["run_dir"].tolist() == [".", "."]
+    table = _md_rows((tmp_path / "report.md").read_text())
+    assert len(table) == 1 and table[0]["n"] == "2"
+    assert table[0]["psnr"].startswith("2 ± 1.414")
+
+
+def test_summary_means_and_missing_lpips(multirun):
+    write_report(multirun, multirun)
+    text = (multirun / "report.md").read_text()
+    assert "- rows: 4" in text and "- runs: 2" in text and "- images: 2" in text
+    assert "- not measured in any row: latent_mse, vae_psnr, seconds" in text
+    table = {r["num_steps"]: r for r in _md_rows(text)}
+    assert list(table) == ["10", "20"]  # sorted by the varying column
+    assert table["10"]["psnr"].startswith("21 ± 1.414")
+    assert table["20"]["psnr"].startswith("32 ± 2.828")
+    assert table["10"]["lpips"] == "n/a"  # never measured: missing, not 0
+    assert table["20"]["lpips"].startswith("0.2 ± 0.1414")
+    assert table["10"]["unet_evals"] == "20 ± 0"
+
+
+def test_missing_lpips_stays_missing_in_csv(multirun):
+    write_report(multirun, multirun)
+    csv = pd.read_csv(multirun / "report.csv")
+    lp = csv.set_index(["run_dir", "image"])["lpips"]
+    assert lp.loc[(0, "img0")] != lp.loc[(0, "img0")]  # NaN
+    assert lp.loc[(1, "img1")] == pytest.approx(0.3)
+    raw = (multirun / "report.csv").read_text().splitlines()
+    header = raw[0].split(",")
+    assert raw[1].split(",")[header.index("lpips")] == ""  # written as an empty cell, not 0
+
+
+def test_summarize_without_varying_columns(tmp_path):
+    df = pd.DataFrame({"model": ["m", "m"], "psnr": [10.0, 14.0], "lpips": [np.nan, 0.5]})
+    table = summarize(df)
+    assert list(table.columns) == ["n", "psnr", "lpips"]
+    assert table.iloc[0]["lpips"] == "0.5"  # one value: no ± std
+
+
+def test_cli_empty_dir_exits_2(tmp_path, caplog):
+    assert main([str(tmp_path)]) == 2
+    assert "no results.parquet" in caplog.text
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_cli_empty_dir_message_on_stderr(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddim_lab.report", str(tmp_path / "missing")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "no results.parquet" in proc.stderr and proc.stdout == ""
+
+
+def test_cli_figures_vs_num_steps(multirun, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(multirun), "--out", str(out), "--figures"]) == 0
+    for name in ("report.parquet", "report.csv", "report.md", "fig_psnr.png", "fig_ssim.png", "fig_lpips.png"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "fig_psnr.png").size[0] > 100
+    assert not (multirun / "report.md").exists()  # --out respected
+
+
+def test_figures_vs_start_step_and_skip_all_missing(tmp_path):
+    root = tmp_path / "m"
+    for k in (0, 5, 10):
+        write_results(_rows(20, [20.0 + k], [math.nan], start=k), root / str(k))
+    assert main([str(root), "--figures"]) == 0
+    assert (root / "fig_psnr.png").is_file() and (root / "fig_ssim.png").is_file()
+    assert not (root / "fig_lpips.png").exists()  # no LPIPS values: no plot of zeros
+
+
+def test_figures_read_saved_tables(multirun, tmp_path):
+    from ddim_lab.report import make_figures
+
+    write_report(multirun, tmp_path)
+    df = pd.read_parquet(tmp_path / "report.parquet")
+    df["num_steps"] = 10  # nothing varies any more in the saved table
+    df.to_parquet(tmp_path / "report.parquet")
+    assert make_figures(tmp_path) == []
