@@ -24,9 +24,13 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | No
     validate(cfg)  # before anything heavy
     from ddim_lab.experiment import reconstruct_or_edit
     from ddim_lab.loggers import open_logger
+    from ddim_lab.metrics import LpipsUnavailable, lpips_backbone_path, lpips_missing_message
     from ddim_lab.models.loading import load_model
     from ddim_lab.tasks import alpha_plot, text_to_image
 
+    net = cfg.metrics.lpips_net
+    if cfg.metrics.lpips == "required" and not lpips_backbone_path(net).exists():
+        raise LpipsUnavailable(lpips_missing_message(net))
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -44,6 +48,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | No
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> None:
+    from ddim_lab.data import DataError
+    from ddim_lab.metrics import LpipsUnavailable
     from ddim_lab.models.loading import ModelUnavailable
 
     hydra_cfg = HydraConfig.get()
@@ -53,7 +59,7 @@ def app(cfg: DictConfig) -> None:
     name = hydra_cfg.job.override_dirname or run_dir.name
     try:
         run(cfg, run_dir, group, name)
-    except (ConfigError, ModelUnavailable) as err:
+    except (ConfigError, ModelUnavailable, DataError, FileNotFoundError, LpipsUnavailable) as err:
         log.error("%s", err)
         sys.exit(2)
     log.info("results in %s", run_dir)

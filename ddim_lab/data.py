@@ -56,7 +56,11 @@ SIXTEEN_BIT_MAX = 65535
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-class UnreadableImageError(ValueError):
+class DataError(ValueError):
+    """A dataset path, captions file or image cannot be used; the message names it."""
+
+
+class UnreadableImageError(DataError):
     """An image file exists but cannot be decoded."""
 
 
@@ -141,7 +145,7 @@ def _read_captions_csv(path: Path) -> dict[str, str]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"image", "prompt"} <= set(reader.fieldnames):
-            raise ValueError(f"{path} must have the columns 'image' and 'prompt', got {reader.fieldnames}")
+            raise DataError(f"{path} must have the columns 'image' and 'prompt', got {reader.fieldnames}")
         return {row["image"].strip(): row["prompt"] or "" for row in reader if row["image"]}
 
 
@@ -153,7 +157,7 @@ def _read_captions_jsonl(path: Path) -> dict[str, str]:
                 continue
             record = json.loads(line)
             if not isinstance(record, dict) or "image" not in record or "prompt" not in record:
-                raise ValueError(f"{path}:{number}: expected an object with 'image' and 'prompt'")
+                raise DataError(f"{path}:{number}: expected an object with 'image' and 'prompt'")
             captions[str(record["image"]).strip()] = str(record["prompt"])
     return captions
 
@@ -162,7 +166,7 @@ def read_captions(folder: Path) -> dict[str, str]:
     """Captions from ``captions.csv`` or ``captions.jsonl`` in ``folder`` (empty if neither exists)."""
     csv_path, jsonl_path = folder / CAPTIONS_CSV, folder / CAPTIONS_JSONL
     if csv_path.is_file() and jsonl_path.is_file():
-        raise ValueError(f"{folder} has both {CAPTIONS_CSV} and {CAPTIONS_JSONL}; keep one")
+        raise DataError(f"{folder} has both {CAPTIONS_CSV} and {CAPTIONS_JSONL}; keep one")
     if csv_path.is_file():
         return _read_captions_csv(csv_path)
     if jsonl_path.is_file():
@@ -207,7 +211,7 @@ def load_dataset(path: str | Path, resolution: int, default_prompt: str) -> list
         prompt = captions.get(key, default_prompt)
         items.append(Item(name, file, pixels_to_tensor(pixels), prompt, content_hash(pixels)))
     if not items:
-        raise ValueError(f"no readable images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"no readable images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
     unused = sorted(set(captions) - used)
     if path.is_dir() and unused:
         logger.warning("%d caption(s) in %s match no loaded image, e.g. %s", len(unused), root, unused[:3])

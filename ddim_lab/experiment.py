@@ -12,9 +12,11 @@ UNet evaluations are counted by the denoiser and checked against the minimum the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ddim_lab.cache import InversionCache, inversion_key
 from ddim_lab.config import as_list
@@ -36,6 +38,9 @@ from ddim_lab.records import save_grid, write_results
 from ddim_lab.schedule import Plan
 
 log = logging.getLogger(__name__)
+
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")  # weights, configs, tokenizer files
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,39 @@ def minimum_evals(
     }
 
 
+def weights_fingerprint(path: str | os.PathLike | None) -> str | None:
+    """sha256 over a model directory's weight and config files: relative path, size and content (files over
+    64 MiB: their first and last MiB, so that SD-sized weights cost milliseconds, not seconds).
+
+    Tells apart different weights behind one name or path (a retrained digits model, a newer hub snapshot
+    when ``revision`` is null); the same files anywhere give the same value. None when there is no directory.
+    """
+    root = Path(path) if path else None
+    if root is None or not root.is_dir():
+        return None
+    files = sorted(p for p in root.rglob("*") if p.suffix in FINGERPRINT_SUFFIXES and p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= 64 * MIB:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(MIB))
+                handle.seek(size - MIB)
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
 def model_identity(model: LatentModel, cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the weights: name, hub id or path, revision, dtype."""
+    """What identifies the weights: name, hub id or path, revision, a fingerprint of the files, dtype."""
     spec = cfg.model
     return {
         "model": spec.name,
-        "model_ref": spec.get("id") or spec.get("path") or OmegaConf.to_container(spec, resolve=True),
-        "revision": spec.get("revision"),
+        "model_ref": spec.get("id") or spec.get("path") or spec.source,
+        "revision": model.revision,
+        "weights": weights_fingerprint(model.pipe.name_or_path),
         "dtype": cfg.runtime.dtype,
         "vae_fp32": cfg.runtime.vae_fp32,
     }
@@ -102,6 +133,7 @@ class Runner:
         self.metrics = ImageMetrics(cfg.metrics.lpips_net, cfg.metrics.lpips, model.device)
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
         self.points = grid_points(cfg)
+        self.identity = model_identity(model, cfg)  # read the model's files once, not per image
         self.evals = {"inversion": 0, "sampling": 0, "inversions_computed": 0, "inversions_cached": 0}
 
     # -- step 2a: inversion, from the cache when possible ------------------------------------------
@@ -109,7 +141,7 @@ class Runner:
         cfg = self.cfg
         return inversion_key(
             image=item.content_hash,
-            **model_identity(self.model, cfg),
+            **self.identity,
             scheduler=dict(self.scheduler.config),
             inverter=cfg.inverter.name,
             num_steps=cfg.num_steps,

@@ -7,6 +7,7 @@ architecture configs, saved once and loaded back like any other model).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -112,6 +113,7 @@ class LatentModel:
     resolution: int
     device: torch.device
     dtype: torch.dtype
+    revision: str = ""  # hub commit, or a fingerprint of the weight files (part of the inversion cache key)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -176,7 +178,26 @@ def load_model(
         pipe.vae.to(torch.float32)
     _apply_knobs(pipe, runtime, device)
     resolution = int(spec.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    return LatentModel(pipe=pipe, name=spec["name"], resolution=resolution, device=device, dtype=dtype)
+    return LatentModel(
+        pipe=pipe,
+        name=spec["name"],
+        resolution=resolution,
+        device=device,
+        dtype=dtype,
+        revision=fingerprint(path),
+    )
+
+
+def fingerprint(path: Path) -> str:
+    """A hub snapshot's commit hash, else a hash of the weight files' names, sizes and modification times."""
+    if path.parent.name == "snapshots":
+        return path.name
+    stats = sorted(
+        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in path.rglob("*")
+        if f.suffix in (".safetensors", ".bin", ".json")
+    )
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
 def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:

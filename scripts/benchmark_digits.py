@@ -1,0 +1,491 @@
+"""Quality benchmark of the digits model: prompt following, reconstruction and editing, judged by a classifier.
+
+    python scripts/benchmark_digits.py                        # the shipped model, defaults below
+    python scripts/benchmark_digits.py --model-dir /tmp/m --held-out 20 --samples-per-digit 4   # quick look
+
+A logistic-regression classifier fitted on the model's own training split (``ddim_lab.judge``) names the
+digit in each image. Three measurements, each batched through the lab's ``make_plan`` / ``invert`` /
+``sample`` with per-row ``Conditioning``:
+
+a. samples: prompt "digit {name}" (and two other phrasings), 50 steps, several guidance scales; how often
+   the classifier agrees with the prompted digit;
+b. reconstruction: held-out digits inverted at guidance 1 and sampled back at guidance 1 from step 0 for
+   10/25/50/100 steps, PSNR/SSIM against the input and against the VAE ceiling (encode → decode);
+c. edits i → j: invert digit i with its caption, sample with digit j's caption from each start step; the
+   classifier's verdict and SSIM to the input, against unedited sampling of j from random noise.
+
+Writes ``results.json``, ``results.md`` and PNG figures into ``--out`` and logs a PASS/MISS table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from ddim_lab import digits  # noqa: E402
+from ddim_lab.ddim import invert, sample  # noqa: E402
+from ddim_lab.denoiser import Conditioning, UNetDenoiser  # noqa: E402
+from ddim_lab.inversion import make_plan  # noqa: E402
+from ddim_lab.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
+from ddim_lab.metrics import psnr, ssim  # noqa: E402
+from ddim_lab.models.loading import LatentModel, load_model, shipped_model_dir  # noqa: E402
+from ddim_lab.records import save_grid  # noqa: E402
+
+log = logging.getLogger("benchmark_digits")
+
+SAMPLE_STEPS = 50
+EDIT_STEPS = 50
+RECON_STEPS = (10, 25, 50, 100)
+EXTRA_GUIDANCE = (1.0, 3.0, 5.0)
+MAIN_TEMPLATE = 1  # "digit {name}"
+OTHER_TEMPLATES = (0, 3)  # "a handwritten digit {name}", "digit {k}"
+MIDDLE_STARTS = (20, 30)  # inclusive range of "middle" start steps of 50
+TARGETS = {"sample_accuracy": 0.80, "edit_success": 0.60, "recon_gap_db": 3.0}
+DEFAULT_PAIRS = ("3:8", "1:7", "0:6", "5:9", "4:1")
+
+
+# -- setup ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", type=Path, default=shipped_model_dir(), help="diffusers directory")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmarks/digits"))
+    p.add_argument("--held-out", type=int, default=100, help="held-out images per measurement (stratified)")
+    p.add_argument("--samples-per-digit", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance of samples and edits")
+    p.add_argument("--edit-pairs", nargs="+", default=list(DEFAULT_PAIRS), help="source:target digit pairs")
+    p.add_argument("--starts", nargs="+", type=int, default=list(range(0, EDIT_STEPS, 5)))
+    p.add_argument("--batch-size", type=int, default=256, help="UNet rows per call")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.edit_pairs = [tuple(int(d) for d in pair.split(":")) for pair in args.edit_pairs]
+    if any(not 0 <= k < EDIT_STEPS for k in args.starts):
+        raise SystemExit(f"--starts must lie in [0, {EDIT_STEPS})")
+    return args
+
+
+def load(model_dir: Path) -> LatentModel:
+    spec = {"name": "digits", "source": "local", "path": str(model_dir), "resolution": 16}
+    return load_model(spec, {"device": "cpu"})
+
+
+def held_out_subset(n: int, seed: int, label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` held-out scans: stratified over the ten digits (or all of digit ``label``), seeded order."""
+    images, labels = digits.split()["held_out"]
+    rng = np.random.default_rng(seed)
+    classes = range(10) if label is None else [label]
+    per_class = [rng.permutation(np.flatnonzero(labels == k)) for k in classes]
+    order = [idx[r] for r in range(max(map(len, per_class))) for idx in per_class if r < len(idx)]
+    chosen = np.array(order[:n])
+    return images[chosen], labels[chosen]
+
+
+def conditioning(model: LatentModel, prompts: list[str], guidance: list[float]) -> Conditioning:
+    """Per-row prompts and guidance scales; the null prompt is the empty one the model was trained with."""
+    return Conditioning(
+        text=model.embed(prompts),
+        null=model.embed([""] * len(prompts)),
+        guidance=torch.tensor(guidance, dtype=torch.float32),
+    )
+
+
+def noise(n: int, seed: int) -> torch.Tensor:
+    """(n, 4, 8, 8) standard normal latents from a seeded generator."""
+    return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+# -- a. samples -------------------------------------------------------------------------------------
+
+
+def measure_samples(
+    model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Classifier agreement of prompted samples per (prompt template, guidance); also the grid images."""
+    plan = make_plan("ddim", model.scheduler(), SAMPLE_STEPS)
+    n = args.samples_per_digit
+    configs = [(MAIN_TEMPLATE, g) for g in sorted({*EXTRA_GUIDANCE, args.guidance})]
+    configs += [(t, args.guidance) for t in OTHER_TEMPLATES]
+    labels = np.repeat(np.arange(10), n)  # (10 n,) digit-major
+    prompts = [digits.caption(int(k), t) for t, _ in configs for k in labels]
+    guidance = [g for _, g in configs for _ in labels]
+    # the same starting noise for every configuration, so they differ only in prompt and guidance
+    x = noise(len(labels), args.seed).repeat(len(configs), 1, 1, 1)
+    out = sample(denoiser, x, plan, conditioning(model, prompts, guidance), batch_size=args.batch_size)
+    images = model.decode(out)
+    predicted = judge.predict(images).reshape(len(configs), len(labels))
+    results = []
+    for c, (t, g) in enumerate(configs):
+        agree = predicted[c] == labels
+        results.append(
+            {
+                "template": digits.TEMPLATES[t],
+                "guidance": g,
+                "accuracy": float(agree.mean()),
+                "per_digit": [float(agree[labels == k].mean()) for k in range(10)],
+            }
+        )
+    main = configs.index((MAIN_TEMPLATE, args.guidance))
+    grid = images[main * len(labels) : (main + 1) * len(labels)]
+    return {"steps": SAMPLE_STEPS, "samples_per_digit": n, "configs": results}, grid
+
+
+# -- b. reconstruction ------------------------------------------------------------------------------
+
+
+def reconstruct(
+    model: LatentModel, denoiser: UNetDenoiser, inverter: str, steps: int, x0: torch.Tensor, cond, batch: int
+) -> torch.Tensor:
+    """Invert at the conditioning's guidance, then sample back from start step 0; decoded images."""
+    plan = make_plan(inverter, model.scheduler(), steps)
+    trajectory = invert(denoiser, x0, plan, cond, batch_size=batch)
+    start = plan.valid_starts()[0]
+    out = sample(denoiser, trajectory[plan.start_index[start]], plan, cond, start_step=start, batch_size=batch)
+    return model.decode(out)
+
+
+def measure_reconstruction(
+    model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PSNR/SSIM of guidance-1 inversion + reconstruction per inverter and step count, and the VAE ceiling."""
+    scans, labels = held_out_subset(args.held_out, args.seed)
+    images = digits.to_rgb(scans, model.resolution)
+    x0 = model.encode(images)
+    vae = model.decode(x0)
+    cond = conditioning(model, [digits.caption(int(k)) for k in labels], [1.0] * len(labels))
+    results: dict[str, Any] = {
+        "images": len(labels),
+        "vae": {"psnr": _mean(psnr(vae, images)), "ssim": _mean(ssim(vae, images))},
+        "judge_accuracy": {"input": judge.accuracy(images, labels), "vae": judge.accuracy(vae, labels)},
+    }
+    columns = {"input": images, "VAE": vae}
+    for inverter in ("ddim", "course"):
+        rows = {}
+        for steps in RECON_STEPS:
+            t0 = time.perf_counter()
+            recon = reconstruct(model, denoiser, inverter, steps, x0, cond, args.batch_size)
+            rows[str(steps)] = {
+                "psnr": _mean(psnr(recon, images)),
+                "ssim": _mean(ssim(recon, images)),
+                "judge_accuracy": judge.accuracy(recon, labels),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            columns[f"{inverter} {steps}"] = recon
+            log.info("reconstruction %s %3d steps: PSNR %.2f dB", inverter, steps, rows[str(steps)]["psnr"])
+        results[inverter] = rows
+    curve = [results["ddim"][str(s)]["psnr"] for s in RECON_STEPS]
+    results["monotonic"] = bool(all(b > a for a, b in zip(curve, curve[1:], strict=False)))
+    results["gap_db_at_100"] = results["vae"]["psnr"] - results["ddim"][str(RECON_STEPS[-1])]["psnr"]
+    return results, columns
+
+
+# -- c. edits ---------------------------------------------------------------------------------------
+
+
+def edit_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out scans of each pair's source digit (``--held-out`` split over the pairs), sources, targets."""
+    per_pair = max(1, args.held_out // len(args.edit_pairs))
+    scans, sources, targets = [], [], []
+    for i, j in args.edit_pairs:
+        s, _ = held_out_subset(per_pair, args.seed, label=i)
+        scans.append(s)
+        sources += [i] * len(s)
+        targets += [j] * len(s)
+    return np.concatenate(scans), np.array(sources), np.array(targets)
+
+
+def measure_edits(
+    model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Edit success and SSIM to the input per start step, and the unedited-sampling baseline."""
+    scans, sources, targets = edit_inputs(args)
+    images = digits.to_rgb(scans, model.resolution)
+    n, starts = len(scans), args.starts
+    plan = make_plan("ddim", model.scheduler(), EDIT_STEPS)
+    x0 = model.encode(images)
+    source_cond = conditioning(model, [digits.caption(int(k)) for k in sources], [1.0] * n)
+    trajectory = invert(denoiser, x0, plan, source_cond, batch_size=args.batch_size)
+    # rows: every start step for every image (start-major), then one baseline row per image from noise
+    x = torch.cat([*(trajectory[plan.start_index[k]] for k in starts), noise(n, args.seed + 1)])
+    start_step = torch.tensor([k for k in starts for _ in range(n)] + [0] * n)
+    target_prompts = [digits.caption(int(j)) for j in targets] * (len(starts) + 1)
+    cond = conditioning(model, target_prompts, [args.guidance] * len(target_prompts))
+    out = model.decode(sample(denoiser, x, plan, cond, start_step=start_step, batch_size=args.batch_size))
+    inputs = images.repeat(len(starts) + 1, 1, 1, 1)
+    said_target = (judge.predict(out) == np.tile(targets, len(starts) + 1)).reshape(-1, n)
+    similarity = ssim(out, inputs).reshape(-1, n)
+    per_start = [
+        {"start": k, "success": float(said_target[s].mean()), "ssim": _mean(similarity[s])}
+        for s, k in enumerate(starts)
+    ]
+    per_pair = {
+        f"{i}->{j}": [float(said_target[s][sources == i].mean()) for s in range(len(starts))]
+        for i, j in args.edit_pairs
+    }
+    results = {
+        "steps": EDIT_STEPS,
+        "guidance": args.guidance,
+        "inversion_guidance": 1.0,
+        "pairs": [f"{i}->{j}" for i, j in args.edit_pairs],
+        "images": n,
+        "judge_accuracy_on_inputs": judge.accuracy(images, sources),
+        "per_start": per_start,
+        "per_pair_success": per_pair,
+        "baseline": {"success": float(said_target[-1].mean()), "ssim": _mean(similarity[-1])},
+    }
+    columns = {"input": images}
+    columns.update({f"k={k}": out[s * n : (s + 1) * n] for s, k in enumerate(starts)})
+    columns["from noise"] = out[-n:]
+    return results, columns
+
+
+# -- verdicts, figures, report ----------------------------------------------------------------------
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean())
+
+
+def verdicts(results: dict[str, Any], guidance: float) -> list[dict[str, Any]]:
+    """One row per target of the issue: what it asks, what was measured, PASS or MISS."""
+    main = next(
+        c
+        for c in results["samples"]["configs"]
+        if c["template"] == digits.TEMPLATES[MAIN_TEMPLATE] and c["guidance"] == guidance
+    )
+    recon = results["reconstruction"]
+    curve = " → ".join(f"{recon['ddim'][str(s)]['psnr']:.2f}" for s in RECON_STEPS)
+    edits = results["edits"]
+    base = edits["baseline"]["ssim"]
+    middle = [r for r in edits["per_start"] if MIDDLE_STARTS[0] <= r["start"] <= MIDDLE_STARTS[1]]
+    good = [r for r in middle if r["success"] >= TARGETS["edit_success"] and r["ssim"] > base]
+    shown = "; ".join(f"k={r['start']}: {100 * r['success']:.0f}%, SSIM {r['ssim']:.3f}" for r in middle)
+    return [
+        {
+            "target": f"samples 'digit k' (g={guidance:g}, {SAMPLE_STEPS} steps): judge agrees ≥ 80%",
+            "measured": f"{100 * main['accuracy']:.1f}%",
+            "pass": main["accuracy"] >= TARGETS["sample_accuracy"],
+        },
+        {
+            "target": "reconstruction PSNR grows with steps 10 → 25 → 50 → 100",
+            "measured": f"{curve} dB",
+            "pass": recon["monotonic"],
+        },
+        {
+            "target": "reconstruction at 100 steps within 3 dB of the VAE ceiling",
+            "measured": f"gap {recon['gap_db_at_100']:.2f} dB (VAE {recon['vae']['psnr']:.2f} dB)",
+            "pass": recon["gap_db_at_100"] <= TARGETS["recon_gap_db"],
+        },
+        {
+            "target": (
+                f"edits from a middle start ({MIDDLE_STARTS[0]}–{MIDDLE_STARTS[1]} of {EDIT_STEPS}): "
+                f"judge says j ≥ 60% with SSIM > baseline {base:.3f}"
+            ),
+            "measured": shown or "no middle start step measured",
+            "pass": bool(good),
+        },
+    ]
+
+
+def tradeoff_figure(edits: dict[str, Any], path: Path) -> None:
+    """Edit success and SSIM to the input against the start step, with the baseline SSIM."""
+    starts = [r["start"] for r in edits["per_start"]]
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot(
+        starts, [100 * r["success"] for r in edits["per_start"]], "o-", color="tab:blue", label="edit success"
+    )
+    ax.axhline(100 * TARGETS["edit_success"], color="tab:blue", ls=":", lw=1, label="60% target")
+    ax.set(xlabel=f"start step (of {edits['steps']})", ylabel="judge says target digit (%)", ylim=(0, 102))
+    ax2 = ax.twinx()
+    ax2.plot(starts, [r["ssim"] for r in edits["per_start"]], "s-", color="tab:orange", label="SSIM to input")
+    ax2.axhline(edits["baseline"]["ssim"], color="tab:orange", ls="--", lw=1, label="SSIM, unedited sampling")
+    ax2.set(ylabel="SSIM to input", ylim=(0, 1))
+    ax.axvspan(*MIDDLE_STARTS, color="0.9", zorder=0)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center left", fontsize=8)
+    ax.set_title(f"digits edits {', '.join(edits['pairs'])} (guidance {edits['guidance']:g})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def reconstruction_figure(recon: dict[str, Any], path: Path) -> None:
+    """PSNR against the number of steps per inverter, with the VAE ceiling."""
+    fig = Figure(figsize=(5.0, 3.6), dpi=120)
+    ax = fig.add_subplot()
+    for inverter, style in (("ddim", "o-"), ("course", "s--")):
+        ax.plot(RECON_STEPS, [recon[inverter][str(s)]["psnr"] for s in RECON_STEPS], style, label=inverter)
+    ax.axhline(recon["vae"]["psnr"], color="k", lw=1, label="VAE ceiling")
+    ax.set(xscale="log", xticks=RECON_STEPS, xticklabels=[str(s) for s in RECON_STEPS])
+    ax.set(xlabel="DDIM steps", ylabel="PSNR to input (dB)", title="held-out reconstruction, guidance 1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def save_figures(results: dict[str, Any], images: dict[str, Any], out: Path) -> dict[str, str]:
+    """All PNGs; returns their file names by role."""
+    n = results["samples"]["samples_per_digit"]
+    grid = images["samples"].view(10, n, 3, *images["samples"].shape[-2:])
+    save_grid(
+        out / "samples.png",
+        [(str(c), grid[:, c]) for c in range(n)],
+        [digits.caption(k, MAIN_TEMPLATE) for k in range(10)],
+        min_cell=48,
+    )
+    recon = images["reconstruction"]
+    rows = list(
+        range(0, results["reconstruction"]["images"], max(1, results["reconstruction"]["images"] // 10))
+    )
+    save_grid(out / "reconstruction.png", [(k, v[rows]) for k, v in recon.items()], [str(r) for r in rows], 48)
+    edits = images["edits"]
+    n_edit, pairs = results["edits"]["images"], len(results["edits"]["pairs"])
+    per_pair = n_edit // pairs
+    rows = [p * per_pair + r for p in range(pairs) for r in range(min(2, per_pair))]
+    labels = [results["edits"]["pairs"][r // per_pair] for r in rows]
+    save_grid(out / "edits.png", [(k, v[rows]) for k, v in edits.items()], labels, min_cell=48)
+    tradeoff_figure(results["edits"], out / "edit_tradeoff.png")
+    reconstruction_figure(results["reconstruction"], out / "reconstruction_psnr.png")
+    return {
+        "samples": "samples.png",
+        "reconstruction": "reconstruction.png",
+        "reconstruction_psnr": "reconstruction_psnr.png",
+        "edits": "edits.png",
+        "edit_tradeoff": "edit_tradeoff.png",
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The human-readable report."""
+    cfg, samples = results["config"], results["samples"]
+    lines = [
+        "# Digits model benchmark",
+        "",
+        f"`{cfg['command']}` — {cfg['machine']}, {cfg['threads']} threads, "
+        f"{results['seconds']['total']:.0f} s.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | verdict |",
+        "|---|---|---|",
+        *(
+            f"| {v['target']} | {v['measured']} | {'PASS' if v['pass'] else 'MISS'} |"
+            for v in results["targets"]
+        ),
+        "",
+        "## Judge",
+        "",
+        f"Logistic regression on the {cfg['train_images']} training scans; held-out accuracy "
+        f"{100 * results['judge']['scans_8x8']:.1f}% on the 8×8 scans, "
+        f"{100 * results['judge']['rgb_16x16_round_trip']:.1f}% after the 16×16 RGB round trip.",
+        "",
+        f"## a. Samples ({samples['steps']} steps, {samples['samples_per_digit']} per digit)",
+        "",
+        "| prompt | guidance | agreement | " + " | ".join(str(k) for k in range(10)) + " |",
+        "|---|---|---|" + "---|" * 10,
+    ]
+    for c in results["samples"]["configs"]:
+        digits_row = " | ".join(f"{100 * a:.0f}" for a in c["per_digit"])
+        lines.append(f"| `{c['template']}` | {c['guidance']:g} | {100 * c['accuracy']:.1f}% | {digits_row} |")
+    recon = results["reconstruction"]
+    lines += [
+        "",
+        f"## b. Reconstruction ({recon['images']} held-out digits, guidance 1, start step 0)",
+        "",
+        f"VAE ceiling: PSNR {recon['vae']['psnr']:.2f} dB, SSIM {recon['vae']['ssim']:.3f}; judge accuracy on "
+        f"inputs {100 * recon['judge_accuracy']['input']:.0f}%, on VAE round trips "
+        f"{100 * recon['judge_accuracy']['vae']:.0f}%.",
+        "",
+        "| inverter | steps | PSNR (dB) | SSIM | judge accuracy | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for inverter in ("ddim", "course"):
+        for s in RECON_STEPS:
+            r = recon[inverter][str(s)]
+            lines.append(
+                f"| {inverter} | {s} | {r['psnr']:.2f} | {r['ssim']:.3f} | {100 * r['judge_accuracy']:.0f}% "
+                f"| {r['seconds']:.0f} |"
+            )
+    edits = results["edits"]
+    lines += [
+        "",
+        f"## c. Edits ({', '.join(edits['pairs'])}; {edits['images']} held-out inputs, {edits['steps']} steps, "
+        f"inversion guidance 1, edit guidance {edits['guidance']:g})",
+        "",
+        f"Unedited sampling of the target prompt from random noise: judge says target "
+        f"{100 * edits['baseline']['success']:.0f}%, SSIM to the input {edits['baseline']['ssim']:.3f}.",
+        "",
+        "| start step | judge says target | SSIM to input | " + " | ".join(edits["pairs"]) + " |",
+        "|---|---|---|" + "---|" * len(edits["pairs"]),
+    ]
+    for s, r in enumerate(edits["per_start"]):
+        pairs = " | ".join(f"{100 * edits['per_pair_success'][p][s]:.0f}%" for p in edits["pairs"])
+        lines.append(f"| {r['start']} | {100 * r['success']:.0f}% | {r['ssim']:.3f} | {pairs} |")
+    lines += ["", "## Figures", "", *(f"- {k}: `{v}`" for k, v in results["figures"].items()), ""]
+    return "\n".join(lines)
+
+
+def log_summary(results: dict[str, Any]) -> None:
+    log.info("judge held-out accuracy: %s", results["judge"])
+    for v in results["targets"]:
+        log.info("%-4s  %s  —  %s", "PASS" if v["pass"] else "MISS", v["target"], v["measured"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = load(args.model_dir)
+    denoiser = model.denoiser()
+    judge = train_judge(args.seed)
+    results: dict[str, Any] = {
+        "config": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "command": " ".join(
+                ["python scripts/benchmark_digits.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "train_images": len(digits.split()["train"][0]),
+        },
+        "judge": held_out_accuracies(judge, model.resolution),
+        "seconds": {},
+    }
+    images: dict[str, Any] = {}
+    for name, measure in (
+        ("samples", measure_samples),
+        ("reconstruction", measure_reconstruction),
+        ("edits", measure_edits),
+    ):
+        start, evals = time.perf_counter(), denoiser.unet_evals
+        results[name], images[name] = measure(model, denoiser, judge, args)
+        results["seconds"][name] = round(time.perf_counter() - start, 1)
+        results[name]["unet_rows"] = denoiser.unet_evals - evals
+        log.info("%s done in %.0f s (%d UNet rows)", name, results["seconds"][name], results[name]["unet_rows"])
+    results["targets"] = verdicts(results, args.guidance)
+    results["figures"] = save_figures(results, images, args.out)
+    results["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(markdown(results))
+    log_summary(results)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The `ddim-lab` and `ddim-lab-report` commands, end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ddim_lab.records import COLUMNS
+from tests.conftest import ROOT
+
+ISSUE_COLUMNS = [
+    "image",
+    "prompt",
+    "edit_prompt",
+    "model",
+    "scheduler",
+    "inverter",
+    "num_steps",
+    "inversion_guidance_scale",
+    "guidance_scale",
+    "start_step",
+    "seed",
+    "psnr",
+    "ssim",
+    "lpips",
+    "lpips_net",
+    "latent_mse",
+    "vae_psnr",
+    "vae_lpips",
+    "unet_evals",
+    "seconds",
+]
+
+
+def ddim_lab(args: list[str], tmp: Path, module: str = "ddim_lab.cli") -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DDIM_LAB_CACHE": str(tmp / "cache"),
+        "WANDB_DIR": str(tmp / "wandb-home"),
+        "WANDB_CONFIG_DIR": str(tmp / "wandb-home"),
+        "WANDB_CACHE_DIR": str(tmp / "wandb-home"),
+        "WANDB_DATA_DIR": str(tmp / "wandb-home"),
+        "TORCH_HOME": str(tmp / "torch-home"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("WANDB_MODE", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_quickstart_writes_results_grids_and_config(tmp_path):
+    run_dir = tmp_path / "quick"
+    proc = ddim_lab(["+experiment=quickstart", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(run_dir / "results.parquet")
+    assert set(ISSUE_COLUMNS) <= set(table.columns) and list(table.columns[: len(COLUMNS)]) == list(COLUMNS)
+    assert len(table) == 20 * 2 * 2 * 2  # images × targets × guidance scales × start steps
+    assert len(pd.read_csv(run_dir / "results.csv")) == len(table)
+    assert (
+        table.lpips.isna().all() and (table.lpips_net == "alex").all()
+    )  # no backbone here: missing, not made up
+    assert table.psnr.notna().all() and (table.vae_psnr > table.psnr).mean() > 0.9
+    assert list((run_dir).glob("grid_*.png")) and (run_dir / "config.yaml").exists()
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["unet_evals"] == summary["minimum_unet_evals"]
+    assert "LPIPS (alex) is unavailable" in proc.stderr
+
+
+def test_sweep_2x2_then_report_merges_every_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "model=tiny",
+        "data=photos",
+        "prompt=a photograph",
+        "num_steps=3,4",
+        "guidance_scale=1,2",
+        "metrics.lpips=off",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = ddim_lab(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(sweep.glob("*/results.parquet"))
+    assert len(jobs) == 4
+    tables = [pd.read_parquet(j) for j in jobs]
+    assert [len(t) for t in tables] == [5] * 4  # 5 bundled photos, one grid point per job
+    assert {(t.num_steps[0], t.guidance_scale[0]) for t in tables} == {(3, 1.0), (3, 2.0), (4, 1.0), (4, 2.0)}
+    # the four jobs shared two inversions per image: the later jobs read them from the cache
+    assert sum(t.inversion_cached.sum() for t in tables) == 2 * 5
+
+    report = ddim_lab([str(sweep)], tmp_path, module="ddim_lab.report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    merged = pd.read_parquet(sweep / "report.parquet")
+    assert len(merged) == 20 and merged.run_dir.nunique() == 4
+    assert (sweep / "report.csv").exists() and "guidance_scale" in (sweep / "report.md").read_text()
+
+
+def test_wandb_offline_run_writes_its_run_file(tmp_path):
+    run_dir = tmp_path / "wb"
+    image = ROOT / "ddim_lab" / "assets" / "photos" / "chelsea.jpg"
+    args = [
+        "model=tiny",
+        f"data.path={image}",
+        "prompt=a cat",
+        "num_steps=3",
+        "logger=wandb",
+        "logger.mode=offline",
+        "metrics.lpips=off",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = ddim_lab(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    assert len(pd.read_parquet(run_dir / "results.parquet")) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["start_step=50"], "start_step=50 must be an integer in [0, num_steps=50)"),
+        (["guidance_scale=-1"], "guidance_scale=-1 must be a number >= 0"),
+        (["model=sd15"], "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_message(tmp_path, args, message):
+    proc = ddim_lab([*args, f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1
+    if not args[0].startswith("model"):
+        assert "loading model" not in proc.stderr  # rejected before any model loads
+
+
+def test_unknown_group_option_names_the_choices(tmp_path):
+    proc = ddim_lab(["inverter=magic"], tmp_path)
+    assert proc.returncode != 0 and "inverter/magic" in proc.stderr and "course" in proc.stderr
+
+
+def test_sample_and_alpha_plot_tasks(tmp_path):
+    proc = ddim_lab(
+        [
+            "model=tiny",
+            "task=sample",
+            "prompt=[a cat,a dog]",
+            "num_images=2",
+            "num_steps=3",
+            "eta=1.0",
+            f"hydra.run.dir={tmp_path / 's'}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(pd.read_parquet(tmp_path / "s" / "results.parquet")) == 4
+    assert (tmp_path / "s" / "samples.png").exists()
+    proc = ddim_lab(["model=tiny", "task=alpha_plot", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alphas = pd.read_csv(tmp_path / "a" / "alphas.csv")
+    assert len(alphas) == 50 and alphas.alpha_cumprod.is_monotonic_increasing
