@@ -82,8 +82,8 @@ def _reconstruction_errors(model, steps: int) -> tuple[float, float]:
 def test_more_steps_reconstruct_held_out_digits_better(digits_model):
     latent_10, pixel_10 = _reconstruction_errors(digits_model, 10)
     latent_50, pixel_50 = _reconstruction_errors(digits_model, 50)
-    assert latent_50 * 1.5 <= latent_10
-    assert pixel_50 * 1.5 <= pixel_10
+    assert latent_50 * 4 <= latent_10  # measured: 16× lower (0.0197 → 0.0013)
+    assert pixel_50 * 4 <= pixel_10  # measured: 16× lower (2.5e-4 → 1.5e-5)
 
 
 def test_judge_reads_8x8_scans_and_their_16px_round_trip():

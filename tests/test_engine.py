@@ -79,8 +79,6 @@ SAMPLING_SIDE = [
     ["num_images=1"],
 ]
 INVERSION_SIDE = [
-    ["model.seed=1"],
-    ["+model.revision=abc123"],
     ["runtime.dtype=bf16"],
     ["runtime.vae_fp32=false"],
     ["scheduler=ddim-trailing"],
@@ -115,6 +113,15 @@ def test_key_follows_image_content_and_source_prompt_only(tiny, items, tmp_path)
     assert _key(tiny, tmp_path, dataclasses.replace(items[0], prompt="a handwritten digit six")) != base
     # where the cache lives is not part of what it stores
     assert Runner(make_cfg(tmp_path / "other"), tiny, tmp_path).inversion_key(items[0]) == base
+
+
+def test_key_follows_the_loaded_model(tiny, items, tmp_path, cache_dir):
+    base = _key(tiny, tmp_path, items[0])
+    other_cfg = make_cfg(tmp_path, "model.seed=1")  # the same architecture, other weights
+    other = load_model(other_cfg.model, other_cfg.runtime, cache_dir)
+    assert Runner(other_cfg, other, tmp_path).inversion_key(items[0]) != base
+    other_revision = dataclasses.replace(tiny, revision="0123abcd")  # e.g. another hub commit
+    assert _key(other_revision, tmp_path, items[0]) != base
 
 
 def test_key_changes_when_the_weights_behind_a_path_change(tiny, tmp_path):
