@@ -12,11 +12,9 @@ UNet evaluations are counted by the denoiser and checked against the minimum the
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +36,6 @@ from ddim_lab.records import save_grid, write_results
 from ddim_lab.schedule import Plan
 
 log = logging.getLogger(__name__)
-
-FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")  # weights, configs, tokenizer files
-MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -82,39 +77,13 @@ def minimum_evals(
     }
 
 
-def weights_fingerprint(path: str | os.PathLike | None) -> str | None:
-    """sha256 over a model directory's weight and config files: relative path, size and content (files over
-    64 MiB: their first and last MiB, so that SD-sized weights cost milliseconds, not seconds).
-
-    Tells apart different weights behind one name or path (a retrained digits model, a newer hub snapshot
-    when ``revision`` is null); the same files anywhere give the same value. None when there is no directory.
-    """
-    root = Path(path) if path else None
-    if root is None or not root.is_dir():
-        return None
-    files = sorted(p for p in root.rglob("*") if p.suffix in FINGERPRINT_SUFFIXES and p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
-        with file.open("rb") as handle:
-            if size <= 64 * MIB:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(MIB))
-                handle.seek(size - MIB)
-                digest.update(handle.read())
-    return digest.hexdigest()
-
-
 def model_identity(model: LatentModel, cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the weights: name, hub id or path, revision, a fingerprint of the files, dtype."""
+    """What identifies the weights: name, hub id or path, revision (hub commit or file fingerprint), dtype."""
     spec = cfg.model
     return {
         "model": spec.name,
         "model_ref": spec.get("id") or spec.get("path") or spec.source,
         "revision": model.revision,
-        "weights": weights_fingerprint(model.pipe.name_or_path),
         "dtype": cfg.runtime.dtype,
         "vae_fp32": cfg.runtime.vae_fp32,
     }
@@ -123,17 +92,16 @@ def model_identity(model: LatentModel, cfg: DictConfig) -> dict[str, Any]:
 class Runner:
     """Holds what a run shares across image groups: model, plan, denoiser, metrics, cache."""
 
-    def __init__(self, cfg: DictConfig, model: LatentModel, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, model: LatentModel) -> None:
         self.cfg = cfg
         self.model = model
-        self.run_dir = run_dir
         self.scheduler = model.scheduler(**cfg.scheduler.overrides)
         self.plan = make_plan(cfg.inverter.name, self.scheduler, cfg.num_steps)
         self.denoiser: UNetDenoiser = model.denoiser()
         self.metrics = ImageMetrics(cfg.metrics.lpips_net, cfg.metrics.lpips, model.device)
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
         self.points = grid_points(cfg)
-        self.identity = model_identity(model, cfg)  # read the model's files once, not per image
+        self.identity = model_identity(model, cfg)
         self.evals = {"inversion": 0, "sampling": 0, "inversions_computed": 0, "inversions_cached": 0}
 
     # -- step 2a: inversion, from the cache when possible ------------------------------------------
@@ -261,7 +229,7 @@ class Runner:
 
 def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) -> pd.DataFrame:
     """Tasks ``reconstruct`` and ``edit``: invert every image, then sample every grid point."""
-    runner = Runner(cfg, model, run_dir)
+    runner = Runner(cfg, model)
     items = load_dataset(cfg.data.path, model.resolution, cfg.prompt)
     log.info(
         "%d images × %d grid points (%s, %s, %d steps)",

@@ -39,6 +39,7 @@ COLUMNS: tuple[str, ...] = (
     "vae_psnr",
     "vae_lpips",
     "unet_evals",
+    "inversion_unet_evals",
     "inversion_cached",
     "seconds",
 )
@@ -55,7 +56,7 @@ FLOAT_COLUMNS = (
     "vae_lpips",
     "seconds",
 )
-INT_COLUMNS = ("num_steps", "start_step", "seed", "unet_evals")
+INT_COLUMNS = ("num_steps", "start_step", "seed", "unet_evals", "inversion_unet_evals")
 BOOL_COLUMNS = ("inversion_cached",)
 
 RESULTS_PARQUET = "results.parquet"

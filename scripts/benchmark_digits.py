@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=4.0, help="guidance of samples and edits")
     p.add_argument("--edit-pairs", nargs="+", default=list(DEFAULT_PAIRS), help="source:target digit pairs")
     p.add_argument("--starts", nargs="+", type=int, default=list(range(0, EDIT_STEPS, 5)))
+    p.add_argument(
+        "--edit-guidance-sweep",
+        nargs="*",
+        type=float,
+        default=[7.5, 10.0],
+        help="further edit guidance scales, measured at the middle start steps only",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="UNet rows per call")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -211,31 +218,35 @@ def edit_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nd
 def measure_edits(
     model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Edit success and SSIM to the input per start step, and the unedited-sampling baseline."""
+    """Edit success and SSIM to the input per start step, and the unedited-sampling baseline.
+
+    The main curve uses ``--guidance`` at every ``--starts``; the sweep repeats the middle start steps at
+    each ``--edit-guidance-sweep`` scale, each with its own baseline. All rows run in one ``sample`` call.
+    """
     scans, sources, targets = edit_inputs(args)
     images = digits.to_rgb(scans, model.resolution)
-    n, starts = len(scans), args.starts
+    n = len(scans)
     plan = make_plan("ddim", model.scheduler(), EDIT_STEPS)
     x0 = model.encode(images)
     source_cond = conditioning(model, [digits.caption(int(k)) for k in sources], [1.0] * n)
     trajectory = invert(denoiser, x0, plan, source_cond, batch_size=args.batch_size)
-    # rows: every start step for every image (start-major), then one baseline row per image from noise
-    x = torch.cat([*(trajectory[plan.start_index[k]] for k in starts), noise(n, args.seed + 1)])
-    start_step = torch.tensor([k for k in starts for _ in range(n)] + [0] * n)
-    target_prompts = [digits.caption(int(j)) for j in targets] * (len(starts) + 1)
-    cond = conditioning(model, target_prompts, [args.guidance] * len(target_prompts))
+    # blocks of n rows: (guidance, start step), start None = the baseline from random noise at step 0
+    middle = [k for k in args.starts if MIDDLE_STARTS[0] <= k <= MIDDLE_STARTS[1]]
+    blocks = [(args.guidance, k) for k in args.starts] + [(args.guidance, None)]
+    blocks += [(g, k) for g in args.edit_guidance_sweep for k in [*middle, None]]
+    base_noise = noise(n, args.seed + 1)
+    x = torch.cat([base_noise if k is None else trajectory[plan.start_index[k]] for _, k in blocks])
+    start_step = torch.tensor([k or 0 for _, k in blocks]).repeat_interleave(n)
+    cond = conditioning(
+        model, [digits.caption(int(j)) for j in targets] * len(blocks), [g for g, _ in blocks for _ in range(n)]
+    )
     out = model.decode(sample(denoiser, x, plan, cond, start_step=start_step, batch_size=args.batch_size))
-    inputs = images.repeat(len(starts) + 1, 1, 1, 1)
-    said_target = (judge.predict(out) == np.tile(targets, len(starts) + 1)).reshape(-1, n)
-    similarity = ssim(out, inputs).reshape(-1, n)
-    per_start = [
-        {"start": k, "success": float(said_target[s].mean()), "ssim": _mean(similarity[s])}
-        for s, k in enumerate(starts)
-    ]
-    per_pair = {
-        f"{i}->{j}": [float(said_target[s][sources == i].mean()) for s in range(len(starts))]
-        for i, j in args.edit_pairs
+    said_target = (judge.predict(out) == np.tile(targets, len(blocks))).reshape(-1, n)
+    similarity = ssim(out, images.repeat(len(blocks), 1, 1, 1)).reshape(-1, n)
+    score = {
+        b: {"success": float(said_target[r].mean()), "ssim": _mean(similarity[r])} for r, b in enumerate(blocks)
     }
+    main = [blocks.index((args.guidance, k)) for k in args.starts]
     results = {
         "steps": EDIT_STEPS,
         "guidance": args.guidance,
@@ -243,13 +254,21 @@ def measure_edits(
         "pairs": [f"{i}->{j}" for i, j in args.edit_pairs],
         "images": n,
         "judge_accuracy_on_inputs": judge.accuracy(images, sources),
-        "per_start": per_start,
-        "per_pair_success": per_pair,
-        "baseline": {"success": float(said_target[-1].mean()), "ssim": _mean(similarity[-1])},
+        "per_start": [{"start": k, **score[(args.guidance, k)]} for k in args.starts],
+        "per_pair_success": {
+            f"{i}->{j}": [float(said_target[r][sources == i].mean()) for r in main] for i, j in args.edit_pairs
+        },
+        "baseline": score[(args.guidance, None)],
+        "guidance_sweep": [
+            {"guidance": g, "start": k, **score[(g, k)], "baseline_ssim": score[(g, None)]["ssim"]}
+            for g in args.edit_guidance_sweep
+            for k in middle
+        ],
     }
     columns = {"input": images}
-    columns.update({f"k={k}": out[s * n : (s + 1) * n] for s, k in enumerate(starts)})
-    columns["from noise"] = out[-n:]
+    columns.update({f"k={k}": out[r * n : (r + 1) * n] for k, r in zip(args.starts, main, strict=True)})
+    baseline = blocks.index((args.guidance, None))
+    columns["from noise"] = out[baseline * n : (baseline + 1) * n]
     return results, columns
 
 
@@ -258,6 +277,10 @@ def measure_edits(
 
 def _mean(values: torch.Tensor) -> float:
     return float(values.double().mean())
+
+
+def _edit_ok(row: dict[str, Any], baseline_ssim: float) -> bool:
+    return row["success"] >= TARGETS["edit_success"] and row["ssim"] > baseline_ssim
 
 
 def verdicts(results: dict[str, Any], guidance: float) -> list[dict[str, Any]]:
@@ -272,7 +295,7 @@ def verdicts(results: dict[str, Any], guidance: float) -> list[dict[str, Any]]:
     edits = results["edits"]
     base = edits["baseline"]["ssim"]
     middle = [r for r in edits["per_start"] if MIDDLE_STARTS[0] <= r["start"] <= MIDDLE_STARTS[1]]
-    good = [r for r in middle if r["success"] >= TARGETS["edit_success"] and r["ssim"] > base]
+    good = [r for r in middle if _edit_ok(r, base)]
     shown = "; ".join(f"k={r['start']}: {100 * r['success']:.0f}%, SSIM {r['ssim']:.3f}" for r in middle)
     return [
         {
@@ -302,24 +325,32 @@ def verdicts(results: dict[str, Any], guidance: float) -> list[dict[str, Any]]:
 
 
 def tradeoff_figure(edits: dict[str, Any], path: Path) -> None:
-    """Edit success and SSIM to the input against the start step, with the baseline SSIM."""
+    """Edit success and SSIM to the input against the start step, with the baseline SSIM; the guidance
+    sweep's middle start steps as fainter markers."""
+    g0 = edits["guidance"]
     starts = [r["start"] for r in edits["per_start"]]
-    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    fig = Figure(figsize=(6.4, 4.8), dpi=120)
     ax = fig.add_subplot()
-    ax.plot(
-        starts, [100 * r["success"] for r in edits["per_start"]], "o-", color="tab:blue", label="edit success"
-    )
+    ax.axvspan(*MIDDLE_STARTS, color="0.92", zorder=0)
+    ax.plot(starts, [100 * r["success"] for r in edits["per_start"]], "o-", color="tab:blue", label="success")
     ax.axhline(100 * TARGETS["edit_success"], color="tab:blue", ls=":", lw=1, label="60% target")
     ax.set(xlabel=f"start step (of {edits['steps']})", ylabel="judge says target digit (%)", ylim=(0, 102))
+    ax.set_xticks(starts)
     ax2 = ax.twinx()
     ax2.plot(starts, [r["ssim"] for r in edits["per_start"]], "s-", color="tab:orange", label="SSIM to input")
     ax2.axhline(edits["baseline"]["ssim"], color="tab:orange", ls="--", lw=1, label="SSIM, unedited sampling")
     ax2.set(ylabel="SSIM to input", ylim=(0, 1))
-    ax.axvspan(*MIDDLE_STARTS, color="0.9", zorder=0)
+    sweep = sorted({r["guidance"] for r in edits["guidance_sweep"]})
+    for g, marker in zip(sweep, "^vDPX*", strict=False):
+        rows = [r for r in edits["guidance_sweep"] if r["guidance"] == g]
+        ks = [r["start"] for r in rows]
+        style = {"marker": marker, "ls": "--", "alpha": 0.6}
+        ax.plot(ks, [100 * r["success"] for r in rows], color="tab:blue", label=f"success, g={g:g}", **style)
+        ax2.plot(ks, [r["ssim"] for r in rows], color="tab:orange", label=f"SSIM, g={g:g}", **style)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="center left", fontsize=8)
-    ax.set_title(f"digits edits {', '.join(edits['pairs'])} (guidance {edits['guidance']:g})", fontsize=9)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    ax.set_title(f"digits edits {', '.join(edits['pairs'])}; solid: guidance {g0:g}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path)
 
 
@@ -435,6 +466,19 @@ def markdown(results: dict[str, Any]) -> str:
     for s, r in enumerate(edits["per_start"]):
         pairs = " | ".join(f"{100 * edits['per_pair_success'][p][s]:.0f}%" for p in edits["pairs"])
         lines.append(f"| {r['start']} | {100 * r['success']:.0f}% | {r['ssim']:.3f} | {pairs} |")
+    if edits["guidance_sweep"]:
+        lines += [
+            "",
+            "Guidance sweep at the middle start steps (each guidance with its own unedited-sampling baseline):",
+            "",
+            "| guidance | start step | judge says target | SSIM to input | baseline SSIM | both targets |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in edits["guidance_sweep"]:
+            lines.append(
+                f"| {r['guidance']:g} | {r['start']} | {100 * r['success']:.0f}% | {r['ssim']:.3f} "
+                f"| {r['baseline_ssim']:.3f} | {'yes' if _edit_ok(r, r['baseline_ssim']) else 'no'} |"
+            )
     lines += ["", "## Figures", "", *(f"- {k}: `{v}`" for k, v in results["figures"].items()), ""]
     return "\n".join(lines)
 
@@ -443,6 +487,15 @@ def log_summary(results: dict[str, Any]) -> None:
     log.info("judge held-out accuracy: %s", results["judge"])
     for v in results["targets"]:
         log.info("%-4s  %s  —  %s", "PASS" if v["pass"] else "MISS", v["target"], v["measured"])
+    for r in results["edits"]["guidance_sweep"]:
+        log.info(
+            "edit sweep g=%g k=%d: judge says target %.0f%%, SSIM %.3f (baseline %.3f)",
+            r["guidance"],
+            r["start"],
+            100 * r["success"],
+            r["ssim"],
+            r["baseline_ssim"],
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

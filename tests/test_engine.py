@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from ddim_lab.cache import InversionCache
 from ddim_lab.data import Item, load_dataset
-from ddim_lab.experiment import Runner, minimum_evals, reconstruct_or_edit, weights_fingerprint
+from ddim_lab.experiment import Runner, minimum_evals, reconstruct_or_edit
 from ddim_lab.loggers import LocalLogger
-from ddim_lab.models.loading import load_model
+from ddim_lab.models.loading import fingerprint, load_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
@@ -92,7 +92,7 @@ INVERSION_SIDE = [
 
 
 def _key(tiny, tmp_path: Path, item: Item, *overrides: str) -> str:
-    return Runner(make_cfg(tmp_path, *overrides), tiny, tmp_path).inversion_key(item)
+    return Runner(make_cfg(tmp_path, *overrides), tiny).inversion_key(item)
 
 
 @pytest.mark.parametrize("overrides", SAMPLING_SIDE, ids=lambda o: " ".join(o))
@@ -112,14 +112,14 @@ def test_key_follows_image_content_and_source_prompt_only(tiny, items, tmp_path)
     assert _key(tiny, tmp_path, items[1]) != base  # other pixels
     assert _key(tiny, tmp_path, dataclasses.replace(items[0], prompt="a handwritten digit six")) != base
     # where the cache lives is not part of what it stores
-    assert Runner(make_cfg(tmp_path / "other"), tiny, tmp_path).inversion_key(items[0]) == base
+    assert Runner(make_cfg(tmp_path / "other"), tiny).inversion_key(items[0]) == base
 
 
 def test_key_follows_the_loaded_model(tiny, items, tmp_path, cache_dir):
     base = _key(tiny, tmp_path, items[0])
     other_cfg = make_cfg(tmp_path, "model.seed=1")  # the same architecture, other weights
     other = load_model(other_cfg.model, other_cfg.runtime, cache_dir)
-    assert Runner(other_cfg, other, tmp_path).inversion_key(items[0]) != base
+    assert Runner(other_cfg, other).inversion_key(items[0]) != base
     other_revision = dataclasses.replace(tiny, revision="0123abcd")  # e.g. another hub commit
     assert _key(other_revision, tmp_path, items[0]) != base
 
@@ -127,16 +127,16 @@ def test_key_follows_the_loaded_model(tiny, items, tmp_path, cache_dir):
 def test_key_changes_when_the_weights_behind_a_path_change(tiny, tmp_path):
     src = Path(tiny.pipe.name_or_path)
     copy = shutil.copytree(src, tmp_path / "model")
-    assert weights_fingerprint(copy) == weights_fingerprint(src)  # location-independent
+    assert fingerprint(copy) == fingerprint(src)  # location-independent
     cfg = make_cfg(tmp_path, "model=local", f"model.path='{copy}'")
     item = load_dataset(DIGITS / "digit0_0.png", tiny.resolution, "")[0]
-    before = Runner(cfg, load_model(cfg.model, cfg.runtime), tmp_path).inversion_key(item)
+    before = Runner(cfg, load_model(cfg.model, cfg.runtime)).inversion_key(item)
     weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
     name = sorted(tensors)[-1]
     tensors[name] = tensors[name] + 1e-3  # "retrained": same file names, same sizes
     save_file(tensors, weights)
-    after = Runner(cfg, load_model(cfg.model, cfg.runtime), tmp_path).inversion_key(item)
+    after = Runner(cfg, load_model(cfg.model, cfg.runtime)).inversion_key(item)
     assert after != before
 
 
@@ -146,13 +146,13 @@ def test_key_changes_when_the_weights_behind_a_path_change(tiny, tmp_path):
 def test_second_identical_run_reuses_every_inversion(tiny, items, tmp_path):
     cfg = make_cfg(tmp_path / "cache", "guidance_scale=[1,3]", "start_step=[0,4]", "inversion.guidance_scale=2")
     x0 = encode(tiny, items)
-    first = Runner(cfg, tiny, tmp_path)
+    first = Runner(cfg, tiny)
     traj_a, cached_a = first.invert_all(items, x0)
     out_a = first.sample_grid(items, traj_a)
     assert cached_a == [False, False]
     assert first.evals["inversion"] == len(items) * STEPS * 2
 
-    second = Runner(cfg, tiny, tmp_path)
+    second = Runner(cfg, tiny)
     traj_b, cached_b = second.invert_all(items, x0)
     assert cached_b == [True, True]
     assert second.denoiser.unet_evals == 0 and second.evals["inversion"] == 0
@@ -162,7 +162,7 @@ def test_second_identical_run_reuses_every_inversion(tiny, items, tmp_path):
     assert torch.equal(out_a, out_b)
     assert out_a.abs().max() > 0.1
 
-    rows, _ = Runner(cfg, tiny, tmp_path).run_group(items)
+    rows, _ = Runner(cfg, tiny).run_group(items)
     assert [r["inversion_cached"] for r in rows] == [True] * len(rows)
     assert [r["inversion_unet_evals"] for r in rows] == [0] * len(rows)
 
@@ -245,11 +245,11 @@ def test_concurrent_writers_leave_one_whole_entry(tmp_path):
 def test_corrupt_entry_is_recomputed_with_a_warning(tiny, items, tmp_path, caplog):
     cfg = make_cfg(tmp_path / "cache", "inversion.guidance_scale=1")
     x0 = encode(tiny, items[:1])
-    runner = Runner(cfg, tiny, tmp_path)
+    runner = Runner(cfg, tiny)
     (expected,), _ = runner.invert_all(items[:1], x0)
     path = runner.cache._path(runner.inversion_key(items[0]))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write from some older tool
-    again = Runner(cfg, tiny, tmp_path)
+    again = Runner(cfg, tiny)
     with caplog.at_level(logging.WARNING, logger="ddim_lab.cache"):
         (traj,), cached = again.invert_all(items[:1], x0)
     assert cached == [False] and again.evals["inversion"] == STEPS
@@ -259,7 +259,7 @@ def test_corrupt_entry_is_recomputed_with_a_warning(tiny, items, tmp_path, caplo
 
 
 def test_disabled_cache_writes_nothing(tiny, items, tmp_path):
-    runner = Runner(make_cfg(None), tiny, tmp_path)
+    runner = Runner(make_cfg(None), tiny)
     _, cached = runner.invert_all(items, encode(tiny, items))
     assert cached == [False, False]
     assert not any(tmp_path.rglob("*.safetensors"))
@@ -271,7 +271,7 @@ def test_disabled_cache_writes_nothing(tiny, items, tmp_path):
 def test_batched_grid_equals_each_point_alone(tiny, items, tmp_path):
     targets = "edit_prompt=[a photograph of a cat,a dog]"
     grid = ["task=edit", targets, "guidance_scale=[0,1,3]", "start_step=[0,5]"]
-    batched = Runner(make_cfg(None, *grid, "batch_size=3", "inversion.guidance_scale=2"), tiny, tmp_path)
+    batched = Runner(make_cfg(None, *grid, "batch_size=3", "inversion.guidance_scale=2"), tiny)
     P = len(batched.points)
     assert P == 12
     trajectories, _ = batched.invert_all(items, encode(tiny, items))
@@ -288,7 +288,7 @@ def test_batched_grid_equals_each_point_alone(tiny, items, tmp_path):
                 "batch_size=1",
                 "inversion.guidance_scale=2",
             )
-            alone = Runner(alone_cfg, tiny, tmp_path)
+            alone = Runner(alone_cfg, tiny)
             # the same inverted latents sampled alone: only the batch composition differs
             (same_start,) = alone.sample_grid([item], [trajectories[i]])
             torch.testing.assert_close(out[i * P + j], same_start, atol=1e-4 * scale, rtol=1e-4)
@@ -319,7 +319,7 @@ def test_engine_spends_exactly_the_minimum(
         "start_step=[0,2,5]",
         "batch_size=4",
     )
-    runner = Runner(cfg, tiny, tmp_path)
+    runner = Runner(cfg, tiny)
     rows, _ = runner.run_group(items)
     expected_inversion = len(items) * inversion_steps * per_step(inversion_guidance)
     expected_sampling = len(items) * sum((STEPS - k) * per_step(g) for g in guidance for k in starts)

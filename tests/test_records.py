@@ -14,7 +14,7 @@ from ddim_lab.records import COLUMNS, GRID_PAD, save_grid, write_results
 SPEC = (
     "image, prompt, edit_prompt, negative_prompt, task, model, scheduler, inverter, num_steps, "
     "inversion_guidance_scale, guidance_scale, start_step, eta, seed, dtype, psnr, ssim, lpips, lpips_net, "
-    "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_cached, seconds"
+    "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_unet_evals, inversion_cached, seconds"
 )
 
 

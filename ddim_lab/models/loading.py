@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_HOST = ("huggingface.co", 443)
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")  # weights, configs, tokenizer files
+MIB = 1 << 20
 
 
 class ModelUnavailable(RuntimeError):
@@ -189,15 +191,26 @@ def load_model(
 
 
 def fingerprint(path: Path) -> str:
-    """A hub snapshot's commit hash, else a hash of the weight files' names, sizes and modification times."""
+    """A hub snapshot's commit hash; otherwise sha256 over the weight, config and tokenizer files (relative
+    path, size, content; files over 64 MiB: their first and last MiB, so SD-sized weights cost milliseconds).
+
+    Tells apart different weights behind one name or path (a retrained digits model, a rebuilt model), and is
+    the same for the same files anywhere.
+    """
     if path.parent.name == "snapshots":
         return path.name
-    stats = sorted(
-        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-        for f in path.rglob("*")
-        if f.suffix in (".safetensors", ".bin", ".json")
-    )
-    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.suffix in FINGERPRINT_SUFFIXES and p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= 64 * MIB:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(MIB))
+                handle.seek(size - MIB)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
