@@ -2,9 +2,9 @@
 
 The key hashes exactly what determines an inversion — image content, model id, revision (hub commit or a
 fingerprint of the weight files) and dtype, scheduler config, inverter, num_steps, inversion guidance, source
-and negative prompt, seed — plus ``CACHE_VERSION``, and nothing that only affects sampling. Entries are written to a temporary file and moved into place with
-``os.replace``, so concurrent writers (jobs of one multirun) never leave a torn entry: the last rename wins
-and every rename installs a complete file.
+and negative prompt, seed — plus ``CACHE_VERSION``, and nothing that only affects sampling. Entries are
+written to a temporary file and moved into place with ``os.replace``, so concurrent writers (jobs of one
+multirun) never leave a torn entry: the last rename wins and every rename installs a complete file.
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.eta < 0:
         raise ConfigError(f"eta={cfg.eta!r} must be >= 0")
+    if cfg.task == "sample" and len(as_list(cfg.guidance_scale)) != 1:
+        raise ConfigError("task=sample takes one guidance_scale; sweep several with -m guidance_scale=a,b")
     if cfg.task == "edit" and not as_list(cfg.edit_prompt):
         raise ConfigError("task=edit needs edit_prompt=... (a string or a list)")
     if cfg.batch_size < 1:

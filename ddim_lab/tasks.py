@@ -28,7 +28,7 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
     """
     start = time.perf_counter()
     prompts = [p for p in as_list(cfg.prompt) for _ in range(cfg.num_images)]
-    guidance = as_list(cfg.guidance_scale)[0]
+    (guidance,) = as_list(cfg.guidance_scale)
     plan = make_plan("ddim", model.scheduler(**cfg.scheduler.overrides), cfg.num_steps)
     unet = model.pipe.unet.config
     size = model.resolution // model.pipe.vae_scale_factor

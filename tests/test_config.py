@@ -57,6 +57,7 @@ def test_defaults_are_the_offline_digits_setup():
         (["task=painting"], "task='painting'"),
         (["inverter=course", "start_step=48"], "course inverter"),
         (["eta=-1"], "eta=-1"),
+        (["task=sample", "guidance_scale=[1,2]"], "one guidance_scale"),
     ],
 )
 def test_invalid_values_raise_one_clear_line(overrides, message):
