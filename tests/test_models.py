@@ -65,7 +65,23 @@ def test_half_precision_keeps_the_vae_in_fp32(cache_dir):
     )
 
 
-def _cond(model):
+def _cond(model, guidance=(2.0,)):
     from ddim_lab.denoiser import Conditioning
 
-    return Conditioning(text=model.embed(["a cat"]), null=model.embed([""]), guidance=torch.tensor([2.0]))
+    n = len(guidance)
+    return Conditioning(
+        text=model.embed(["a cat"] * n), null=model.embed([""] * n), guidance=torch.tensor(guidance)
+    )
+
+
+def test_channels_last_knob_gives_the_same_noise_prediction(tiny, cache_dir):
+    fast = load_model(model_spec("tiny"), {"device": "cpu", "channels_last": True}, cache_dir)
+    assert fast.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 100])
+    torch.testing.assert_close(
+        fast.denoiser()(x, t, _cond(fast, (2.0, 1.0))),
+        tiny.denoiser()(x, t, _cond(tiny, (2.0, 1.0))),
+        atol=1e-5,
+        rtol=1e-4,
+    )
