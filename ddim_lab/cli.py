@@ -13,10 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.config import ConfigError, register_resolvers, validate
+from ddim_lab.config import CONF_DIR, ConfigError, register_resolvers, validate
 
 log = logging.getLogger("ddim_lab")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's conf/ (install with pip -e)
 
 
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | None = None) -> None:

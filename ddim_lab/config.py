@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TASKS = ("reconstruct", "edit", "sample", "alpha_plot")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's conf/ (install with pip -e)
 
 
 class ConfigError(ValueError):
@@ -21,6 +23,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "asset", lambda name: str(resources.files("ddim_lab") / "assets" / name)
         )
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The lab's config as the CLI composes it, via Hydra's compose API (for scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def as_list(value: Any) -> list:

@@ -46,10 +46,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local or built; never wait for the hub
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ddim_lab.config import register_resolvers, validate  # noqa: E402
+from ddim_lab.config import compose_config, validate  # noqa: E402
 from ddim_lab.data import Item, load_dataset  # noqa: E402
 from ddim_lab.ddim import invert, sample  # noqa: E402
 from ddim_lab.denoiser import Conditioning  # noqa: E402
@@ -60,7 +59,6 @@ from ddim_lab.schedule import Plan  # noqa: E402
 
 log = logging.getLogger("benchmark_grid")
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DATA = {"digits": "digits", "tiny": "photos", "sd15-random": "photos"}
 MIB = 1 << 20
 
@@ -179,7 +177,7 @@ def measure(name: str, device: torch.device, run: Callable[[], tuple[torch.Tenso
 # -- the two ways --------------------------------------------------------------------------------------
 
 
-def compose_config(
+def engine_config(
     args: argparse.Namespace,
     inversion_guidance: float,
     num_steps: int | None = None,
@@ -201,8 +199,7 @@ def compose_config(
         *([f"batch_size={args.batch_size}"] if args.batch_size else []),
         *args.set,
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)
     validate(cfg)
     return cfg
 
@@ -316,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    register_resolvers()
-    cfg = compose_config(args, args.inversion_guidance)
+    cfg = engine_config(args, args.inversion_guidance)
     model = load_model(cfg.model, cfg.runtime, cfg.cache.dir)
     items = load_dataset(cfg.data.path, model.resolution, cfg.prompt)[: args.images]
     device = model.device
@@ -336,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # 1. warm-up: both sides once on one image, 3 steps from step 0 (kernels, allocator, lazy init)
-    warm = compose_config(args, args.inversion_guidance, num_steps=3, starts=[0])
+    warm = engine_config(args, args.inversion_guidance, num_steps=3, starts=[0])
     t0 = time.perf_counter()
     engine(warm, model, items[:1])
     seed_loop(warm, model, items[:1])
@@ -353,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("engine: %.2f s, %d UNet evaluations", eng.seconds, eng.unet_evals)
     sides = [seed, eng]
     if args.inversion_guidance != 1:
-        rec_cfg = compose_config(args, 1.0)
+        rec_cfg = engine_config(args, 1.0)
         rec, _ = measure(
             "extra: engine, inversion guidance 1 (recommended; outputs differ by design)",
             device,

@@ -13,10 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ddim_lab.config import register_resolvers  # noqa: E402
+from ddim_lab.config import CONF_DIR, register_resolvers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR
 
 register_resolvers()
 torch.set_num_threads(1)  # tiny models gain nothing from more; `pytest -n 2` uses both cores

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from ddim_lab.config import ConfigError, validate
+from ddim_lab.config import ConfigError, compose_config, validate
 from tests.conftest import CONF
 
 GROUPS = ("model", "scheduler", "inverter", "data", "logger")
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def _options(group: str) -> list[str]:

@@ -18,17 +18,16 @@ from subprocess import PIPE
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from ddim_lab.cache import InversionCache
+from ddim_lab.config import compose_config
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.experiment import Runner, minimum_evals, reconstruct_or_edit
 from ddim_lab.loggers import LocalLogger
 from ddim_lab.models.loading import fingerprint, load_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
 STEPS = 8
 
@@ -44,8 +43,7 @@ def make_cfg(cache: Path | None, *overrides: str) -> DictConfig:
         f"cache.enabled={cache is not None}",
         f"cache.dir='{cache or 'unused'}'",
     ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[*base, *overrides])
+    return compose_config([*base, *overrides])
 
 
 @pytest.fixture(scope="module")
