@@ -1,8 +1,11 @@
-"""Content-addressed cache of inversion trajectories (safetensors, atomic writes).
+"""Content-addressed cache of inversion artifacts (safetensors, atomic writes).
 
-The key hashes exactly what determines an inversion — image content, model id, revision (hub commit or a
-fingerprint of the weight files) and dtype, scheduler config, inverter, num_steps, inversion guidance, source
-and negative prompt, seed — plus ``CACHE_VERSION``, and nothing that only affects sampling. Entries are
+An artifact is whatever an inverter's sampler needs (``ddim_lab.inversion.base``): a dict of tensors for one
+image. The key hashes exactly what determines it — image content, model id, revision (hub commit or a
+fingerprint of the weight files) and dtype, scheduler config, num_steps, the inverter's method and knobs,
+inversion guidance, source and negative prompt; the seed only for stochastic inverters and the sampling
+guidance only for inverters that optimise for it — plus ``CACHE_VERSION``, and nothing that only affects
+sampling. Entries are
 written to a temporary file and moved into place with ``os.replace``, so concurrent writers (jobs of one
 multirun) never leave a torn entry: the last rename wins and every rename installs a complete file.
 """
@@ -23,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the inversion math changes: old entries are then never read
+CACHE_VERSION = 2  # bump when the inversion math changes: old entries are then never read
 
 
 def inversion_key(**fields: Any) -> str:
@@ -33,7 +36,7 @@ def inversion_key(**fields: Any) -> str:
 
 
 class InversionCache:
-    """Trajectories (M+1, C, H, W) stored as ``<root>/<key[:2]>/<key>.safetensors``; ``root=None`` disables."""
+    """Artifacts (name → tensor) stored as ``<root>/<key[:2]>/<key>.safetensors``; ``root=None`` disables."""
 
     def __init__(self, root: str | os.PathLike | None) -> None:
         self.root = Path(root) if root is not None else None
@@ -41,16 +44,19 @@ class InversionCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str) -> torch.Tensor | None:
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
         if self.root is None or not self._path(key).exists():
             return None
         try:
-            return load_file(self._path(key))["trajectory"]
+            artifact = load_file(self._path(key))
+            if not artifact:
+                raise KeyError("empty entry")
+            return artifact
         except (SafetensorError, OSError, KeyError) as err:  # unreadable entry: recompute and overwrite
             log.warning("ignoring unreadable cache entry %s: %s", self._path(key), err)
             return None
 
-    def save(self, key: str, trajectory: torch.Tensor, meta: dict[str, Any] | None = None) -> None:
+    def save(self, key: str, artifact: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
         if self.root is None:
             return
         path = self._path(key)
@@ -59,7 +65,8 @@ class InversionCache:
         os.close(fd)
         try:
             metadata = {k: json.dumps(v, default=str) for k, v in (meta or {}).items()}
-            save_file({"trajectory": trajectory.detach().cpu().contiguous()}, tmp, metadata=metadata)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in artifact.items()}
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddim_lab.ddim import Prediction
+
 
 @dataclass
 class Conditioning:
@@ -47,25 +49,40 @@ class Conditioning:
         )
 
 
+def split_prediction(
+    output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A network output at level ᾱ (B,) as (ε, x̂₀), in the parametrisation the network was trained with.
+
+    x = √ᾱ x₀ + √(1−ᾱ) ε and v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022, §4). The conversion uses ᾱ of the
+    timestep the network was called at: a network whose ε does not depend on x then gives back that ε
+    exactly, whatever level x actually sits at (DDIM inversion calls it one level off).
+    """
+    a = alpha.to(x.dtype).view(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        return output, (x - (1 - a).sqrt() * output) / a.clamp(min=1e-30).sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * output
+    if prediction_type == "sample":
+        return (x - a.sqrt() * output) / (1 - a).clamp(min=1e-30).sqrt(), output
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
+
+
 def to_epsilon(
     output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
-    """Convert a network output to ε at level ᾱ (B,): v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022, §4)."""
-    a = alpha.to(x.dtype).view(-1, 1, 1, 1)
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return a.sqrt() * output + (1 - a).sqrt() * x
-    if prediction_type == "sample":
-        return (x - a.sqrt() * output) / (1 - a).sqrt()
-    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
+    """ε of a network output at level ᾱ (see ``split_prediction``)."""
+    return split_prediction(output, x, alpha, prediction_type)[0]
 
 
 class UNetDenoiser:
     """A diffusers ``UNet2DConditionModel`` (optionally with a ControlNet) as a guided ε-denoiser.
 
-    Counts ``unet_evals``: UNet rows evaluated (one per trajectory per step, two where guidance is not 0/1).
-    The DDIM math stays in the latents' dtype (fp32); the UNet runs in its own dtype.
+    ``alphas_cumprod`` and ``prediction_type`` must come from the same scheduler the plan was built from
+    (``LatentModel.denoiser(scheduler)``). Counts ``unet_evals`` (UNet rows evaluated: one per trajectory per
+    step, two where guidance is not 0/1) and ``unet_backwards`` (rows back-propagated, counted by the
+    inverters that optimise through it). The DDIM math stays in the latents' dtype (fp32); the UNet runs in
+    its own dtype.
     """
 
     def __init__(
@@ -82,6 +99,7 @@ class UNetDenoiser:
         self.controlnet = controlnet
         self.controlnet_scale = controlnet_scale
         self.unet_evals = 0
+        self.unet_backwards = 0
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, cond: Conditioning, rows):
         dtype = self.unet.dtype
@@ -100,8 +118,8 @@ class UNetDenoiser:
         self.unet_evals += len(x)
         return out.to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) → guided ε (B, C, H, W)."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Prediction:
+        """x (B, C, H, W), t (B,) → guided ε and x̂₀ (B, C, H, W) each."""
         g = cond.guidance.to(x.device, x.dtype)  # (B,)
         # 1. rows that need the prompt branch and rows that need the null branch
         use_text = (g != 0).nonzero().flatten()
@@ -112,15 +130,27 @@ class UNetDenoiser:
         rows = torch.cat([use_text, use_null])
         embeds = torch.cat([cond.text[use_text], cond.null[use_null] if len(use_null) else cond.text[:0]])
         out = self._network(x[rows], t[rows], embeds, cond, rows)
-        # 3. ε at each row's timestep, then classifier-free guidance: ε̃ = ε_∅ + g (ε_c − ε_∅)
-        eps = to_epsilon(out, x[rows], self.alphas_cumprod[t[rows].cpu()].to(x.device), self.prediction_type)
-        eps_text = torch.zeros_like(x)
-        eps_null = torch.zeros_like(x)
-        eps_text[use_text] = eps[: len(use_text)]
-        eps_null[use_null] = eps[len(use_text) :]
-        g = g.view(-1, 1, 1, 1)
-        guided = eps_null + g * (eps_text - eps_null)
-        only_text, only_null = (g == 1).flatten(), (g == 0).flatten()
-        guided[only_text] = eps_text[only_text]
-        guided[only_null] = eps_null[only_null]
-        return guided
+        # 3. (ε, x̂₀) at each row's timestep, then classifier-free guidance: ε̃ = ε_∅ + g (ε_c − ε_∅)
+        alpha = self.alphas_cumprod[t[rows].cpu()].to(x.device)
+        eps, x0 = split_prediction(out, x[rows], alpha, self.prediction_type)
+        return Prediction(_guide(eps, use_text, use_null, g, x), _guide(x0, use_text, use_null, g, x))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) → guided ε (B, C, H, W)."""
+        return self.predict(x, t, cond).eps
+
+
+def _guide(
+    out: torch.Tensor, use_text: torch.Tensor, use_null: torch.Tensor, g: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """CFG over stacked branch outputs [text rows; null rows] → (B, C, H, W); g = 1 / 0 take one branch."""
+    text = torch.zeros_like(like)
+    null = torch.zeros_like(like)
+    text[use_text] = out[: len(use_text)]
+    null[use_null] = out[len(use_text) :]
+    g = g.view(-1, 1, 1, 1)
+    guided = null + g * (text - null)
+    only_text, only_null = (g == 1).flatten(), (g == 0).flatten()
+    guided[only_text] = text[only_text]
+    guided[only_null] = null[only_null]
+    return guided

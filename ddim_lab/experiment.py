@@ -1,13 +1,14 @@
 """One run of the lab, as numbered steps:
 
-1. load the model and build the DDIM plan (scheduler × inverter × num_steps);
-2. for each group of images: encode (posterior mean), VAE round-trip, invert — or take the inversion from
-   the cache —, sample every grid point (guidance × start step × target prompt) as one batched set of
-   trajectories, decode, measure against the input, record;
-3. rewrite the result table after every group (nothing is lost if a later group fails), save labelled
-   grids, mirror to the logger.
+1. load the model, build the inverter (``cfg.inverter``) and its plan from one scheduler, which also feeds
+   the denoiser (its ᾱ and prediction type);
+2. for each group of images: encode (posterior mean), VAE round-trip, take each image's inversion artifact
+   from the cache or compute it, sample every grid point (guidance × start step × target prompt) as one
+   batched set of trajectories through the inverter's sampler, decode, measure against the input, record;
+3. write the result rows after every group (nothing is lost if a later group fails), save labelled grids,
+   mirror to the logger.
 
-UNet evaluations are counted by the denoiser and checked against the minimum the grid needs.
+Network passes are counted by the denoiser and checked against the minimum each inverter states by formula.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +25,18 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.cache import InversionCache, inversion_key
 from ddim_lab.config import as_list
 from ddim_lab.data import Item, load_dataset
-from ddim_lab.ddim import invert, sample
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
-from ddim_lab.inversion import make_plan
+from ddim_lab.inversion import make_inverter
+from ddim_lab.inversion.base import Artifact, Cost, InvertContext, SampleRows
+from ddim_lab.inversion.ddim import DDIMInversion
 from ddim_lab.metrics import ImageMetrics, mse
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
-from ddim_lab.schedule import Plan
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +64,6 @@ def grid_points(cfg: DictConfig) -> list[GridPoint]:
     ]
 
 
-def evals_per_step(guidance: float) -> int:
-    """UNet rows one trajectory costs per step: guidance 1 (prompt only) or 0 (null only) cost one."""
-    return 1 if guidance in (0.0, 1.0) else 2
-
-
-def minimum_evals(
-    plan: Plan, points: list[GridPoint], inversions: int, inversion_guidance: float
-) -> dict[str, int]:
-    """Fewest UNet evaluations: inversions × M × (1|2) + Σ trajectories × (N - k) × (1|2)."""
-    per_image = sum((plan.num_steps - p.start_step) * evals_per_step(p.guidance) for p in points)
-    return {
-        "inversion": inversions * len(plan.inv_timesteps) * evals_per_step(inversion_guidance),
-        "sampling_per_image": per_image,
-    }
-
-
 def model_identity(model: LatentModel, cfg: DictConfig) -> dict[str, Any]:
     """What identifies the weights: name, hub id or path, revision (hub commit or file fingerprint), dtype."""
     spec = cfg.model
@@ -89,35 +76,68 @@ def model_identity(model: LatentModel, cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _stack(artifacts: list[Artifact]) -> Artifact:
+    """Per-image artifacts (no batch dim) → one batched artifact (B, ...)."""
+    return {k: torch.stack([a[k] for a in artifacts]) for k in artifacts[0]}
+
+
 class Runner:
-    """Holds what a run shares across image groups: model, plan, denoiser, metrics, cache."""
+    """Holds what a run shares across image groups: model, inverter, plan, denoiser, metrics, cache."""
 
     def __init__(self, cfg: DictConfig, model: LatentModel) -> None:
         self.cfg = cfg
         self.model = model
         self.scheduler = model.scheduler(**cfg.scheduler.overrides)
-        self.plan = make_plan(cfg.inverter.name, self.scheduler, cfg.num_steps)
-        self.denoiser: UNetDenoiser = model.denoiser()
+        self.inverter = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True))
+        self.plan = self.inverter.plan(self.scheduler, cfg.num_steps)
+        self.denoiser: UNetDenoiser = model.denoiser(self.scheduler)
+        if bool((self.plan.alpha == 0).any()) and self.denoiser.prediction_type == "epsilon":
+            raise ValueError(
+                "this schedule reaches ᾱ = 0 (zero terminal SNR), where an ε-predicting model cannot say x₀;"
+                " use a v-prediction model or drop rescale_betas_zero_snr"
+            )
         self.metrics = ImageMetrics(cfg.metrics.lpips_net, cfg.metrics.lpips, model.device)
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
         self.points = grid_points(cfg)
         self.identity = model_identity(model, cfg)
-        self.evals = {"inversion": 0, "sampling": 0, "inversions_computed": 0, "inversions_cached": 0}
+        self.inversion_guidance = float(cfg.inversion.guidance_scale)
+        self.evals = {
+            "inversion": 0,
+            "inversion_backwards": 0,
+            "sampling": 0,
+            "inversions_computed": 0,
+            "inversions_cached": 0,
+            "pivots_computed": 0,
+        }
+        self.minimum = Cost()  # what the work done so far must cost, by the inverter's formulas
 
-    # -- step 2a: inversion, from the cache when possible ------------------------------------------
-    def inversion_key(self, item: Item) -> str:
-        cfg = self.cfg
-        return inversion_key(
-            image=item.content_hash,
+    # -- step 2a: inversion artifacts, from the cache when possible --------------------------------
+    def inversion_key(self, item: Item, guidance: float | None = None, method: dict | None = None) -> str:
+        """The cache key of ``item``'s artifact: everything that determines it and nothing else."""
+        inverter = self.inverter if method is None else DDIMInversion()
+        fields: dict[str, Any] = {
+            "image": item.content_hash,
             **self.identity,
-            scheduler=dict(self.scheduler.config),
-            inverter=cfg.inverter.name,
-            num_steps=cfg.num_steps,
-            inversion_guidance=float(cfg.inversion.guidance_scale),
-            prompt=item.prompt,
-            negative_prompt=cfg.negative_prompt,
-            seed=cfg.seed,
-        )
+            "scheduler": dict(self.scheduler.config),
+            "inverter": method or inverter.key(),
+            "num_steps": self.cfg.num_steps,
+            "inversion_guidance": self.inversion_guidance,
+            "prompt": item.prompt,
+            "negative_prompt": self.cfg.negative_prompt,
+        }
+        if inverter.stochastic:
+            fields["seed"] = int(self.cfg.seed)
+        if inverter.guidance_dependent and method is None:
+            fields["guidance"] = float(guidance)
+        return inversion_key(**fields)
 
     def cond(self, prompts: list[str], guidance: list[float]) -> Conditioning:
         return Conditioning(
@@ -126,71 +146,141 @@ class Runner:
             guidance=torch.tensor(guidance, dtype=torch.float32),
         )
 
-    def invert_all(self, items: list[Item], x0: torch.Tensor) -> tuple[list[torch.Tensor], list[bool]]:
-        """Trajectories (M+1, C, h, w) per item and whether each came from the cache."""
-        keys = [self.inversion_key(it) for it in items]
-        found = [self.cache.load(k) for k in keys]
-        todo = [i for i, t in enumerate(found) if t is None]
-        if todo:
-            g = float(self.cfg.inversion.guidance_scale)
-            before = self.denoiser.unet_evals
-            traj = invert(
-                self.denoiser,
-                x0[todo],
-                self.plan,
-                self.cond([items[i].prompt for i in todo], [g] * len(todo)),
+    def _pivot(self, items: list[Item], x0: torch.Tensor, spent: dict[int, Cost]):
+        """rows → DDIM trajectories (b, M+1, C, h, w) of those items, through the cache (null-text's pivot).
+
+        What computing a pivot cost is added to ``spent[row]``.
+        """
+
+        def pivot(rows: torch.Tensor) -> torch.Tensor:
+            method = DDIMInversion().key()
+            keys = [self.inversion_key(items[int(r)], method=method) for r in rows]
+            found = [self.cache.load(k) for k in keys]
+            todo = [j for j, a in enumerate(found) if a is None]
+            if todo:
+                cond = self.cond(
+                    [items[int(rows[j])].prompt for j in todo], [self.inversion_guidance] * len(todo)
+                )
+                ctx = InvertContext(batch_size=self.cfg.batch_size, progress=self.cfg.runtime.progress)
+                art = DDIMInversion().invert(self.denoiser, x0[rows[todo]], self.plan, cond, ctx)
+                one = DDIMInversion().inversion_cost(self.plan, {}, 1.0, self.inversion_guidance)
+                for n, j in enumerate(todo):
+                    found[j] = {k: v[n].cpu() for k, v in art.items()}
+                    self.cache.save(keys[j], found[j], {"image": items[int(rows[j])].name, "pivot": True})
+                    spent[int(rows[j])] = spent.get(int(rows[j]), Cost()) + one
+                    self.minimum += one
+                self.evals["pivots_computed"] += len(todo)
+            return torch.stack([a["trajectory"] for a in found]).to(x0.device)
+
+        return pivot
+
+    def artifacts(self, items: list[Item], x0: torch.Tensor) -> tuple[dict, dict]:
+        """Each image's artifact per guidance it serves ({(i, g): artifact}), and what it cost this run
+        ({(i, g): (Cost, cached)}), its pivot included.
+
+        Guidance-independent inverters have one artifact per image, under g = None. A cached artifact cost
+        this run nothing.
+        """
+        guidances = sorted({p.guidance for p in self.points}) if self.inverter.guidance_dependent else [None]
+        found: dict[tuple[int, float | None], Artifact] = {}
+        costs: dict[tuple[int, float | None], Cost] = {}
+        for g in guidances:
+            keys = [self.inversion_key(it, g) for it in items]
+            for i, k in enumerate(keys):
+                cached = self.cache.load(k)
+                if cached is not None:
+                    found[i, g], costs[i, g] = cached, (Cost(), True)
+            todo = [i for i in range(len(items)) if (i, g) not in found]
+            self.evals["inversions_cached"] += len(items) - len(todo)
+            if not todo:
+                continue
+            spent: dict[int, Cost] = {}
+            ctx = InvertContext(
+                guidance=1.0 if g is None else g,
+                generators=[torch.Generator().manual_seed(int(self.cfg.seed)) for _ in todo],
                 batch_size=self.cfg.batch_size,
                 progress=self.cfg.runtime.progress,
-            )  # (M+1, len(todo), C, h, w)
-            self.evals["inversion"] += self.denoiser.unet_evals - before
-            for j, i in enumerate(todo):
-                found[i] = traj[:, j].cpu()
-                self.cache.save(keys[i], found[i], {"image": items[i].name, "prompt": items[i].prompt})
-        self.evals["inversions_computed"] += len(todo)
-        self.evals["inversions_cached"] += len(items) - len(todo)
-        return found, [i not in todo for i in range(len(items))]
+                pivot=self._pivot([items[i] for i in todo], x0[todo], spent),
+            )
+            cond = self.cond([items[i].prompt for i in todo], [self.inversion_guidance] * len(todo))
+            fwd, bwd = self.denoiser.unet_evals, self.denoiser.unet_backwards
+            art = self.inverter.invert(self.denoiser, x0[todo], self.plan, cond, ctx)
+            self.evals["inversion"] += self.denoiser.unet_evals - fwd
+            self.evals["inversion_backwards"] += self.denoiser.unet_backwards - bwd
+            self.evals["inversions_computed"] += len(todo)
+            for n, i in enumerate(todo):
+                found[i, g] = {k: v[n].detach().cpu() for k, v in art.items()}
+                cost = self.inverter.inversion_cost(
+                    self.plan, found[i, g], 1.0 if g is None else g, self.inversion_guidance
+                )
+                self.minimum += cost
+                costs[i, g] = (cost + spent.get(n, Cost()), False)
+                self.cache.save(keys[n], found[i, g], {"image": items[i].name, "prompt": items[i].prompt})
+        return found, costs
 
     # -- step 2b: every grid point of every image, batched -----------------------------------------
-    def sample_grid(self, items: list[Item], trajectories: list[torch.Tensor]) -> torch.Tensor:
+    def sample_seed(self, image_index: int, point_index: int) -> int:
+        """The seed of one stochastic trajectory: distinct per (image, grid point), stable across groups."""
+        return int(self.cfg.seed) + image_index * len(self.points) + point_index
+
+    def sample_grid(self, items: list[Item], artifacts: dict, first_index: int = 0) -> torch.Tensor:
         """Final latents (len(items) × len(points), C, h, w), rows ordered image-major."""
-        rows = list(itertools.product(range(len(items)), self.points))
-        starts = torch.tensor([p.start_step for _, p in rows])
-        x = torch.stack([trajectories[i][self.plan.start_index[p.start_step]] for i, p in rows])
-        cond = self.cond([p.target or items[i].prompt for i, p in rows], [p.guidance for _, p in rows])
-        gens = [torch.Generator().manual_seed(int(self.cfg.seed)) for _ in rows] if self.cfg.eta > 0 else None
-        before = self.denoiser.unet_evals
-        out = sample(
-            self.denoiser,
-            x.to(self.model.device),
-            self.plan,
-            cond,
-            start_step=starts,
-            eta=float(self.cfg.eta),
+        rows = list(itertools.product(range(len(items)), enumerate(self.points)))
+        dependent = self.inverter.guidance_dependent
+        artifact = _stack([artifacts[i, p.guidance if dependent else None] for i, (_, p) in rows])
+        guidance = [p.guidance for _, (_, p) in rows]
+        stochastic = self.cfg.eta > 0
+        gens = (
+            [torch.Generator().manual_seed(self.sample_seed(first_index + i, j)) for i, (j, _) in rows]
+            if stochastic
+            else None
+        )
+        batch = SampleRows(
+            artifact={k: v.to(self.model.device) for k, v in artifact.items()},
+            cond=self.cond([p.target or items[i].prompt for i, (_, p) in rows], guidance),
+            source=self.cond([items[i].prompt for i, _ in rows], guidance),
+            start=torch.tensor([p.start_step for _, (_, p) in rows]),
+            edit=torch.tensor([p.target is not None and p.target != items[i].prompt for i, (_, p) in rows]),
             generators=gens,
+        )
+        before = self.denoiser.unet_evals
+        out = self.inverter.sample(
+            self.denoiser,
+            self.plan,
+            batch,
+            eta=float(self.cfg.eta),
             batch_size=self.cfg.batch_size,
             progress=self.cfg.runtime.progress,
         )
         self.evals["sampling"] += self.denoiser.unet_evals - before
+        for n, (_, (_, p)) in enumerate(rows):
+            self.minimum += self.inverter.sampling_cost(
+                self.plan, p.start_step, p.guidance, bool(batch.edit[n])
+            )
         return out
 
-    def run_group(self, items: list[Item]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-        """Result rows and the images for the grid of one group of items."""
+    def run_group(self, items: list[Item], first_index: int = 0) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        """Result rows and the images for the grid of one group of items (``first_index``: the first one's
+        position in the data set, for per-trajectory seeds)."""
         start = time.perf_counter()
         cfg = self.cfg
         images = torch.stack([it.image for it in items])  # (G, 3, R, R) in [0, 1]
         x0 = self.model.encode(images)  # (G, C, h, w)
         vae_images = self.model.decode(x0)
         vae_scores = self.metrics(vae_images, images)
-        trajectories, cached = self.invert_all(items, x0)
-        inv_evals = len(self.plan.inv_timesteps) * evals_per_step(float(cfg.inversion.guidance_scale))
-        out = self.sample_grid(items, trajectories)
+        artifacts, costs = self.artifacts(items, x0)
+        out = self.sample_grid(items, artifacts, first_index)
         results = self.model.decode(out)  # (G·P, 3, R, R)
         P = len(self.points)
         scores = self.metrics(results, images.repeat_interleave(P, dim=0))
         latent_err = mse(out.cpu(), x0.cpu().repeat_interleave(P, dim=0))
         seconds = (time.perf_counter() - start) / (len(items) * P)
+        memory = peak_memory_mb(self.model.device)
+        dependent = self.inverter.guidance_dependent
         rows = []
-        for r, (i, p) in enumerate(itertools.product(range(len(items)), self.points)):
+        for r, (i, (j, p)) in enumerate(itertools.product(range(len(items)), enumerate(self.points))):
+            cost, cached = costs[i, p.guidance if dependent else None]
+            edit = p.target is not None and p.target != items[i].prompt
             rows.append(
                 {
                     "image": items[i].name,
@@ -202,7 +292,7 @@ class Runner:
                     "scheduler": cfg.scheduler.name,
                     "inverter": cfg.inverter.name,
                     "num_steps": cfg.num_steps,
-                    "inversion_guidance_scale": float(cfg.inversion.guidance_scale),
+                    "inversion_guidance_scale": self.inversion_guidance,
                     "guidance_scale": p.guidance,
                     "start_step": p.start_step,
                     "eta": float(cfg.eta),
@@ -215,16 +305,37 @@ class Runner:
                     "latent_mse": float(latent_err[r]),
                     "vae_psnr": float(vae_scores["psnr"][i]),
                     "vae_lpips": float(vae_scores["lpips"][i]),
-                    "unet_evals": (cfg.num_steps - p.start_step) * evals_per_step(p.guidance),
-                    "inversion_unet_evals": 0 if cached[i] else inv_evals,
-                    "inversion_cached": cached[i],
+                    "unet_evals": self.inverter.sampling_cost(
+                        self.plan, p.start_step, p.guidance, edit
+                    ).forwards,
+                    "inversion_unet_evals": cost.forwards,
+                    "inversion_unet_backwards": cost.backwards,
+                    "inversion_cached": cached,
+                    "sample_seed": self.sample_seed(first_index + i, j) if cfg.eta > 0 else None,
                     "seconds": seconds,
+                    "peak_memory_mb": memory,
                 }
             )
         columns = {"input": images, "VAE round-trip": vae_images}
         for j, p in enumerate(self.points):
             columns[p.label] = results[j::P]
         return rows, columns
+
+    def summary(self, images: int) -> dict[str, Any]:
+        """run.json: network passes spent against the inverter's minimum, time and memory."""
+        return {
+            **self.evals,
+            "inverter": self.inverter.name,
+            "inverter_knobs": self.inverter.key(),
+            "formula": self.inverter.formula,
+            "unet_evals": self.evals["inversion"] + self.evals["sampling"],
+            "unet_backwards": self.evals["inversion_backwards"],
+            "minimum_unet_evals": self.minimum.forwards,
+            "minimum_unet_backwards": self.minimum.backwards,
+            "images": images,
+            "grid_points": len(self.points),
+            "peak_memory_mb": peak_memory_mb(self.model.device),
+        }
 
 
 def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) -> pd.DataFrame:
@@ -244,7 +355,7 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
     table = pd.DataFrame()
     for n, first in enumerate(range(0, len(items), group)):
         part = items[first : first + group]
-        new_rows, columns = runner.run_group(part)
+        new_rows, columns = runner.run_group(part, first)
         rows += new_rows
         table = write_results(rows, run_dir)
         grid = save_grid(
@@ -254,16 +365,7 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
         )
         logger.log_image(grid, f"images {first}–{first + len(part) - 1}")
         log.info("images %d/%d done", first + len(part), len(items))
-    minimum = minimum_evals(
-        runner.plan, runner.points, runner.evals["inversions_computed"], cfg.inversion.guidance_scale
-    )
-    summary = {
-        **runner.evals,
-        "unet_evals": runner.evals["inversion"] + runner.evals["sampling"],
-        "minimum_unet_evals": minimum["inversion"] + minimum["sampling_per_image"] * len(items),
-        "images": len(items),
-        "grid_points": len(runner.points),
-    }
+    summary = runner.summary(len(items))
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
     log.info("UNet evaluations: %(unet_evals)d (minimum %(minimum_unet_evals)d)", summary)
     logger.log_rows(table)

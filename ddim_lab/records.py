@@ -40,8 +40,11 @@ COLUMNS: tuple[str, ...] = (
     "vae_lpips",
     "unet_evals",
     "inversion_unet_evals",
+    "inversion_unet_backwards",
     "inversion_cached",
+    "sample_seed",
     "seconds",
+    "peak_memory_mb",
 )
 
 FLOAT_COLUMNS = (
@@ -55,8 +58,17 @@ FLOAT_COLUMNS = (
     "vae_psnr",
     "vae_lpips",
     "seconds",
+    "peak_memory_mb",
 )
-INT_COLUMNS = ("num_steps", "start_step", "seed", "unet_evals", "inversion_unet_evals")
+INT_COLUMNS = (
+    "num_steps",
+    "start_step",
+    "seed",
+    "unet_evals",
+    "inversion_unet_evals",
+    "inversion_unet_backwards",
+    "sample_seed",
+)
 BOOL_COLUMNS = ("inversion_cached",)
 
 RESULTS_PARQUET = "results.parquet"

@@ -6,7 +6,9 @@ Notation (DDIM paper, Song et al. 2021): ᾱ_t is ``alphas_cumprod[t]`` (the pap
 to ``inv_alpha_to``, calling the denoiser at ``inv_timesteps[j]``. ``start_index[k]`` says which latent of
 the inversion trajectory ``[x_0, z_1, …, z_M]`` sampling uses when it starts at step k (-1: none).
 
-Each inverter in ``ddim_lab.inversion`` is a function ``(scheduler, num_steps) -> Plan``.
+``exact_plan`` retraces sampling's own (t, t_prev) pairs in reverse; the course notebook's schedule
+(``ddim_lab.inversion.course``) is the one other plan. One scheduler feeds both the plan and the denoiser
+(its ᾱ and prediction type), so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -52,3 +54,29 @@ def sampling_steps(scheduler: DDIMScheduler, num_steps: int) -> tuple[torch.Tens
     timesteps = scheduler.timesteps.long().cpu()  # (N,) descending
     previous = timesteps - scheduler.config.num_train_timesteps // num_steps  # (N,)
     return timesteps, previous
+
+
+def exact_plan(scheduler: DDIMScheduler, num_steps: int) -> Plan:
+    """N inversion steps that retrace sampling's (t, t_prev) pairs; trajectory index N-k starts step k.
+
+    The latent inversion produces for sampling step k sits at ᾱ[timesteps[k]] exactly, the level sampling
+    expects there; the denoiser is called at the noisier step's timestep on the cleaner latent, as in
+    diffusers' ``DDIMInverseScheduler`` and null-text inversion.
+    """
+    timesteps, previous = sampling_steps(scheduler, num_steps)
+    ac = scheduler.alphas_cumprod.double()
+    alpha = ac[timesteps]  # (N,)
+    # ᾱ at t_prev; below t = 0 the scheduler's final ᾱ (1 with set_alpha_to_one, else ᾱ_0)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+    alpha_next = torch.where(previous >= 0, ac[previous.clamp(min=0)], final)  # (N,)
+    flip = torch.arange(num_steps - 1, -1, -1)
+    return Plan(
+        timesteps=timesteps,
+        alpha=alpha,
+        alpha_next=alpha_next,
+        inv_timesteps=timesteps[flip],
+        inv_alpha_from=alpha_next[flip],
+        inv_alpha_to=alpha[flip],
+        # trajectory [x_0, z_1 … z_N]: z_j sits at ᾱ[timesteps[N-j]], so step k starts from index N-k
+        start_index=num_steps - torch.arange(num_steps),
+    )

@@ -16,6 +16,7 @@ from ddim_lab.denoiser import Conditioning
 from ddim_lab.inversion import make_plan
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
+from ddim_lab.schedule import exact_plan
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
     start = time.perf_counter()
     prompts = [p for p in as_list(cfg.prompt) for _ in range(cfg.num_images)]
     (guidance,) = as_list(cfg.guidance_scale)
-    plan = make_plan("ddim", model.scheduler(**cfg.scheduler.overrides), cfg.num_steps)
+    scheduler = model.scheduler(**cfg.scheduler.overrides)
+    plan = exact_plan(scheduler, cfg.num_steps)
     unet = model.pipe.unet.config
     size = model.resolution // model.pipe.vae_scale_factor
     gens = [torch.Generator().manual_seed(int(cfg.seed) + j % cfg.num_images) for j in range(len(prompts))]
@@ -39,7 +41,7 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
         null=model.embed([cfg.negative_prompt] * len(prompts)),
         guidance=torch.full((len(prompts),), float(guidance)),
     )
-    denoiser = model.denoiser()
+    denoiser = model.denoiser(scheduler)
     out = sample(
         denoiser,
         x.to(model.device),

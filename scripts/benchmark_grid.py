@@ -52,8 +52,9 @@ from ddim_lab.config import compose_config, validate  # noqa: E402
 from ddim_lab.data import Item, load_dataset  # noqa: E402
 from ddim_lab.ddim import invert, sample  # noqa: E402
 from ddim_lab.denoiser import Conditioning  # noqa: E402
-from ddim_lab.experiment import GridPoint, Runner, grid_points, minimum_evals  # noqa: E402
+from ddim_lab.experiment import GridPoint, Runner, grid_points  # noqa: E402
 from ddim_lab.inversion import make_plan  # noqa: E402
+from ddim_lab.inversion.ddim import DDIMInversion  # noqa: E402
 from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
 from ddim_lab.schedule import Plan  # noqa: E402
 
@@ -213,8 +214,8 @@ def engine(cfg: DictConfig, model: LatentModel, items: list[Item]) -> tuple[torc
     """The sweep engine: encode once, invert once per image, sample the grid batched, decode."""
     runner = Runner(cfg, model)
     x0 = model.encode(torch.stack([it.image for it in items]))  # (G, C, h, w)
-    trajectories, _ = runner.invert_all(items, x0)
-    latents = runner.sample_grid(items, trajectories)  # (G·P, C, h, w), image-major
+    artifacts, _ = runner.artifacts(items, x0)
+    latents = runner.sample_grid(items, artifacts)  # (G·P, C, h, w), image-major
     decode_all(model, latents, cfg.batch_size)
     minimum = grid_minimum(runner.plan, runner.points, len(items), float(cfg.inversion.guidance_scale))
     return latents.cpu(), runner.denoiser.unet_evals, minimum
@@ -228,8 +229,9 @@ def _embed(model: LatentModel, prompt: str, negative: str, guidance: float) -> C
 
 def seed_loop(cfg: DictConfig, model: LatentModel, items: list[Item]) -> tuple[torch.Tensor, int, int]:
     """The seed-style loop: per image and grid point, encode, invert from scratch, sample, decode; batch 1."""
-    plan = make_plan(cfg.inverter.name, model.scheduler(**cfg.scheduler.overrides), cfg.num_steps)
-    denoiser = model.denoiser()
+    scheduler = model.scheduler(**cfg.scheduler.overrides)
+    plan = make_plan(cfg.inverter.name, scheduler, cfg.num_steps)
+    denoiser = model.denoiser(scheduler)
     points = grid_points(cfg)
     inversion_guidance = float(cfg.inversion.guidance_scale)
     outputs = []
@@ -247,9 +249,14 @@ def seed_loop(cfg: DictConfig, model: LatentModel, items: list[Item]) -> tuple[t
 
 
 def grid_minimum(plan: Plan, points: list[GridPoint], images: int, inversion_guidance: float) -> int:
-    """The fewest UNet evaluations the grid needs: one inversion per image, each trajectory once."""
-    m = minimum_evals(plan, points, images, inversion_guidance)
-    return m["inversion"] + m["sampling_per_image"] * images
+    """The fewest UNet evaluations the grid needs (DDIM's formula): one inversion per image, each trajectory
+    once."""
+    ddim = DDIMInversion()
+    inversion = ddim.inversion_cost(plan, {}, 1.0, inversion_guidance).forwards
+    sampling = sum(
+        ddim.sampling_cost(plan, p.start_step, p.guidance, p.target is not None).forwards for p in points
+    )
+    return images * (inversion + sampling)
 
 
 # -- report --------------------------------------------------------------------------------------------

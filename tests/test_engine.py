@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ddim_lab.cache import InversionCache
 from ddim_lab.config import compose_config
 from ddim_lab.data import Item, load_dataset
-from ddim_lab.experiment import Runner, minimum_evals, reconstruct_or_edit
+from ddim_lab.experiment import Runner, reconstruct_or_edit
 from ddim_lab.loggers import LocalLogger
 from ddim_lab.models.loading import fingerprint, load_model
 
@@ -57,6 +57,17 @@ def encode(model, items: list[Item]) -> torch.Tensor:
     return model.encode(torch.stack([it.image for it in items]))
 
 
+def invert_all(runner: Runner, items: list[Item], x0: torch.Tensor) -> tuple[list[torch.Tensor], list[bool]]:
+    """DDIM trajectories (M+1, C, h, w) per item and whether each came from the cache."""
+    artifacts, costs = runner.artifacts(items, x0)
+    n = range(len(items))
+    return [artifacts[i, None]["trajectory"] for i in n], [costs[i, None][1] for i in n]
+
+
+def sample_grid(runner: Runner, items: list[Item], trajectories: list[torch.Tensor]) -> torch.Tensor:
+    return runner.sample_grid(items, {(i, None): {"trajectory": t} for i, t in enumerate(trajectories)})
+
+
 def per_step(guidance: float) -> int:
     """Written out again here so that the test does not trust the engine's own helper."""
     return 1 if guidance in (0, 1) else 2
@@ -75,6 +86,7 @@ SAMPLING_SIDE = [
     ["runtime.progress=true"],
     ["metrics.lpips_net=squeeze"],
     ["num_images=1"],
+    ["seed=1"],  # DDIM inversion draws no randomness
 ]
 INVERSION_SIDE = [
     ["runtime.dtype=bf16"],
@@ -85,7 +97,6 @@ INVERSION_SIDE = [
     [f"num_steps={STEPS + 2}"],
     ["inversion.guidance_scale=3.5"],
     ["negative_prompt=blurry"],
-    ["seed=1"],
 ]
 
 
@@ -145,16 +156,16 @@ def test_second_identical_run_reuses_every_inversion(tiny, items, tmp_path):
     cfg = make_cfg(tmp_path / "cache", "guidance_scale=[1,3]", "start_step=[0,4]", "inversion.guidance_scale=2")
     x0 = encode(tiny, items)
     first = Runner(cfg, tiny)
-    traj_a, cached_a = first.invert_all(items, x0)
-    out_a = first.sample_grid(items, traj_a)
+    traj_a, cached_a = invert_all(first, items, x0)
+    out_a = sample_grid(first, items, traj_a)
     assert cached_a == [False, False]
     assert first.evals["inversion"] == len(items) * STEPS * 2
 
     second = Runner(cfg, tiny)
-    traj_b, cached_b = second.invert_all(items, x0)
+    traj_b, cached_b = invert_all(second, items, x0)
     assert cached_b == [True, True]
     assert second.denoiser.unet_evals == 0 and second.evals["inversion"] == 0
-    out_b = second.sample_grid(items, traj_b)
+    out_b = sample_grid(second, items, traj_b)
     for a, b in zip(traj_a, traj_b, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(out_a, out_b)
@@ -206,7 +217,7 @@ cache = InversionCache(root)
 while not (Path(sync) / "go").exists():  # start together, once every writer has imported torch
     time.sleep(0.001)
 for _ in range(int(rounds)):
-    cache.save(key, payload, {"writer": value})
+    cache.save(key, {"trajectory": payload}, {"writer": value})
 """
 
 
@@ -229,12 +240,12 @@ def test_concurrent_writers_leave_one_whole_entry(tmp_path):
         if cache._path(key).exists():
             entry = cache.load(key)
             assert entry is not None, "an existing entry could not be read"
-            assert any(torch.equal(entry, p) for p in payloads)
+            assert any(torch.equal(entry["trajectory"], p) for p in payloads)
             reads += 1
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()
     entry = cache.load(key)
-    assert entry is not None and any(torch.equal(entry, p) for p in payloads)
+    assert entry is not None and any(torch.equal(entry["trajectory"], p) for p in payloads)
     files = [p for p in root.rglob("*") if p.is_file()]
     assert files == [cache._path(key)]  # no temporary files left behind
     assert reads > 0
@@ -244,21 +255,21 @@ def test_corrupt_entry_is_recomputed_with_a_warning(tiny, items, tmp_path, caplo
     cfg = make_cfg(tmp_path / "cache", "inversion.guidance_scale=1")
     x0 = encode(tiny, items[:1])
     runner = Runner(cfg, tiny)
-    (expected,), _ = runner.invert_all(items[:1], x0)
+    (expected,), _ = invert_all(runner, items[:1], x0)
     path = runner.cache._path(runner.inversion_key(items[0]))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write from some older tool
     again = Runner(cfg, tiny)
     with caplog.at_level(logging.WARNING, logger="ddim_lab.cache"):
-        (traj,), cached = again.invert_all(items[:1], x0)
+        (traj,), cached = invert_all(again, items[:1], x0)
     assert cached == [False] and again.evals["inversion"] == STEPS
     assert any("unreadable cache entry" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(traj, expected, atol=1e-6, rtol=0)
-    assert torch.equal(InversionCache(tmp_path / "cache" / "inversions").load(path.stem), traj)  # rewritten
+    assert torch.equal(InversionCache(tmp_path / "cache" / "inversions").load(path.stem)["trajectory"], traj)
 
 
 def test_disabled_cache_writes_nothing(tiny, items, tmp_path):
     runner = Runner(make_cfg(None), tiny)
-    _, cached = runner.invert_all(items, encode(tiny, items))
+    _, cached = invert_all(runner, items, encode(tiny, items))
     assert cached == [False, False]
     assert not any(tmp_path.rglob("*.safetensors"))
 
@@ -272,8 +283,8 @@ def test_batched_grid_equals_each_point_alone(tiny, items, tmp_path):
     batched = Runner(make_cfg(None, *grid, "batch_size=3", "inversion.guidance_scale=2"), tiny)
     P = len(batched.points)
     assert P == 12
-    trajectories, _ = batched.invert_all(items, encode(tiny, items))
-    out = batched.sample_grid(items, trajectories)  # (2 × 12, C, h, w), image-major
+    trajectories, _ = invert_all(batched, items, encode(tiny, items))
+    out = sample_grid(batched, items, trajectories)  # (2 × 12, C, h, w), image-major
     scale = float(out.abs().max())
     for i, item in enumerate(items):
         for j, p in enumerate(batched.points):
@@ -288,12 +299,12 @@ def test_batched_grid_equals_each_point_alone(tiny, items, tmp_path):
             )
             alone = Runner(alone_cfg, tiny)
             # the same inverted latents sampled alone: only the batch composition differs
-            (same_start,) = alone.sample_grid([item], [trajectories[i]])
+            (same_start,) = sample_grid(alone, [item], [trajectories[i]])
             torch.testing.assert_close(out[i * P + j], same_start, atol=1e-4 * scale, rtol=1e-4)
             # everything alone (encode, invert, sample at batch 1): CPU kernels round differently per batch
             # size and the random model's 8-step ODE amplifies that (~1e-3 of the scale); a wrong row,
             # start step or guidance differs by the order of the scale itself
-            (one,) = alone.sample_grid([item], alone.invert_all([item], encode(tiny, [item]))[0])
+            (one,) = sample_grid(alone, [item], invert_all(alone, [item], encode(tiny, [item]))[0])
             torch.testing.assert_close(out[i * P + j], one, atol=5e-3 * scale, rtol=1e-3)
     # the grid points really differ, so a mix-up of rows would not pass unnoticed
     assert (out[0] - out[1]).abs().max() > 0.1 * scale and (out[0] - out[P]).abs().max() > 0.1 * scale
@@ -324,7 +335,7 @@ def test_engine_spends_exactly_the_minimum(
     assert runner.evals["inversion"] == expected_inversion
     assert runner.evals["sampling"] == expected_sampling
     assert runner.denoiser.unet_evals == expected_inversion + expected_sampling
-    minimum = minimum_evals(runner.plan, runner.points, len(items), inversion_guidance)
-    assert minimum == {"inversion": expected_inversion, "sampling_per_image": expected_sampling // len(items)}
+    assert runner.minimum.forwards == expected_inversion + expected_sampling
+    assert runner.summary(len(items))["minimum_unet_evals"] == runner.denoiser.unet_evals
     assert sum(r["unet_evals"] for r in rows) == expected_sampling
     assert {r["inversion_unet_evals"] for r in rows} == {inversion_steps * per_step(inversion_guidance)}

@@ -1,19 +1,51 @@
-"""Inverters: each is a function ``(scheduler, num_steps) -> Plan`` (see ``ddim_lab.schedule``)."""
+"""Inversion methods, one module each, behind one contract (``ddim_lab.inversion.base.Inverter``).
+
+``make_inverter(cfg.inverter)`` builds the method a ``conf/inverter/NAME.yaml`` names, with its knobs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Mapping
+from typing import Any
 
 from diffusers import DDIMScheduler
 
-from ddim_lab.inversion import course, ddim
+from ddim_lab.inversion.base import Inverter
 from ddim_lab.schedule import Plan
 
-INVERTERS: dict[str, Callable[[DDIMScheduler, int], Plan]] = {"ddim": ddim.plan, "course": course.plan}
+# name → "module:class"; imported on first use
+INVERTERS: dict[str, str] = {
+    "ddim": "ddim_lab.inversion.ddim:DDIMInversion",
+    "course": "ddim_lab.inversion.course:CourseInversion",
+    "null_text": "ddim_lab.inversion.null_text:NullTextInversion",
+    "negative_prompt": "ddim_lab.inversion.negative_prompt:NegativePromptInversion",
+    "edict": "ddim_lab.inversion.edict:EDICTInversion",
+    "bdia": "ddim_lab.inversion.bdia:BDIAInversion",
+    "fixed_point": "ddim_lab.inversion.fixed_point:FixedPointInversion",
+    "edit_friendly": "ddim_lab.inversion.edit_friendly:EditFriendlyInversion",
+    "direct": "ddim_lab.inversion.direct:DirectInversion",
+}
+
+
+def inverter_class(name: str) -> type[Inverter]:
+    if name not in INVERTERS:
+        raise ValueError(f"unknown inverter {name!r}; choose one of {', '.join(sorted(INVERTERS))}")
+    module, cls = INVERTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_inverter(spec: Mapping[str, Any] | str) -> Inverter:
+    """The inverter a config names: ``{"name": NAME, **knobs}`` (or just NAME, default knobs)."""
+    knobs = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = knobs.pop("name")
+    cls = inverter_class(name)
+    try:
+        return cls(**knobs)
+    except TypeError as err:
+        raise ValueError(f"inverter={name}: {err}") from err
 
 
 def make_plan(inverter: str, scheduler: DDIMScheduler, num_steps: int) -> Plan:
     """The plan of inverter ``inverter`` for ``num_steps`` sampling steps."""
-    if inverter not in INVERTERS:
-        raise ValueError(f"unknown inverter {inverter!r}; choose one of {sorted(INVERTERS)}")
-    return INVERTERS[inverter](scheduler, num_steps)
+    return make_inverter(inverter).plan(scheduler, num_steps)

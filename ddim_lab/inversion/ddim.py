@@ -1,34 +1,63 @@
-"""Exact-schedule DDIM inversion: retrace sampling's own (t, t_prev) pairs in reverse.
+"""Exact-schedule DDIM inversion (Song et al. 2021, Eq. 12 run upwards): the lab's reference inverter.
 
-The latent the inversion produces for sampling step k sits at ᾱ[timesteps[k]] exactly, the level sampling
-expects there; the UNet is called at the noisier step's timestep on the cleaner latent, as in diffusers'
-``DDIMInverseScheduler`` and null-text inversion.
+Inversion retraces sampling's own (t, t_prev) pairs in reverse (``ddim_lab.schedule.exact_plan``), so the
+latent kept for start step k sits exactly where sampling resumes. Artifact: ``trajectory`` (B, N+1, C, H, W),
+index 0 the clean latent. Sampling is plain DDIM from the start step's latent (η > 0 allowed).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
-from diffusers import DDIMScheduler
 
-from ddim_lab.schedule import Plan, sampling_steps
+from ddim_lab.ddim import Denoiser, invert, sample
+from ddim_lab.denoiser import Conditioning
+from ddim_lab.inversion.base import (
+    Artifact,
+    Cost,
+    InvertContext,
+    Inverter,
+    SampleRows,
+    evals_per_step,
+    trajectory_start,
+)
+from ddim_lab.schedule import Plan
 
 
-def plan(scheduler: DDIMScheduler, num_steps: int) -> Plan:
-    """N inversion steps; trajectory index N-k starts sampling step k."""
-    timesteps, previous = sampling_steps(scheduler, num_steps)
-    ac = scheduler.alphas_cumprod.double()
-    alpha = ac[timesteps]  # (N,)
-    # ᾱ at t_prev; below t = 0 the scheduler's final ᾱ (1 with set_alpha_to_one, else ᾱ_0)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
-    alpha_next = torch.where(previous >= 0, ac[previous.clamp(min=0)], final)  # (N,)
-    flip = torch.arange(num_steps - 1, -1, -1)
-    return Plan(
-        timesteps=timesteps,
-        alpha=alpha,
-        alpha_next=alpha_next,
-        inv_timesteps=timesteps[flip],
-        inv_alpha_from=alpha_next[flip],
-        inv_alpha_to=alpha[flip],
-        # trajectory [x_0, z_1 … z_N]: z_j sits at ᾱ[timesteps[N-j]], so step k starts from index N-k
-        start_index=num_steps - torch.arange(num_steps),
+@dataclass
+class DDIMInversion(Inverter):
+    """Invert with the DDIM step; sample back with it."""
+
+    name: ClassVar[str] = "ddim"
+    supports_eta: ClassVar[bool] = True
+    formula: ClassVar[str] = (
+        "images × M × (1|2 by inversion guidance) + Σ_trajectories (N − k) × (1|2 by guidance)"
     )
+
+    def invert(
+        self, denoiser: Denoiser, x0: torch.Tensor, plan: Plan, cond: Conditioning, ctx: InvertContext
+    ) -> Artifact:
+        trajectory = invert(denoiser, x0, plan, cond, ctx.batch_size, ctx.progress)  # (M+1, B, C, H, W)
+        return {"trajectory": trajectory.transpose(0, 1).contiguous()}
+
+    def sample(
+        self,
+        denoiser: Denoiser,
+        plan: Plan,
+        rows: SampleRows,
+        eta: float = 0.0,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        x = trajectory_start(rows.artifact, plan, rows.start)  # (B, C, H, W)
+        return sample(denoiser, x, plan, rows.cond, rows.start, eta, rows.generators, batch_size, progress)
+
+    def inversion_cost(
+        self, plan: Plan, artifact: Artifact, guidance: float, inversion_guidance: float
+    ) -> Cost:
+        return Cost(len(plan.inv_timesteps) * evals_per_step(inversion_guidance))
+
+    def sampling_cost(self, plan: Plan, start: int, guidance: float, edit: bool) -> Cost:
+        return Cost((plan.num_steps - start) * evals_per_step(guidance))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.denoiser import UNetDenoiser
@@ -124,6 +124,7 @@ class LatentModel:
 
     @property
     def prediction_type(self) -> str:
+        """The model's own prediction type (``scheduler.overrides`` may change it for a run)."""
         return self.pipe.scheduler.config.prediction_type
 
     def scheduler(self, **overrides: Any):
@@ -138,11 +139,15 @@ class LatentModel:
         return (vae.encode(x).latent_dist.mean * self.scaling_factor).float()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images (B, 3, R, R) in [0, 1], float32 on the CPU."""
+    def decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Latents → images (B, 3, R, R) in [0, 1], float32 on the CPU; ``chunk`` latents per VAE call, so a
+        whole grid's results never sit in GPU memory at once."""
         vae = self.pipe.vae
-        x = vae.decode((latents / self.scaling_factor).to(self.device, vae.dtype)).sample
-        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+        out = []
+        for part in latents.split(chunk):
+            x = vae.decode((part / self.scaling_factor).to(self.device, vae.dtype)).sample
+            out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
@@ -153,8 +158,11 @@ class LatentModel:
             self._embeds.update({p: e for p, e in zip(missing, embeds.float(), strict=True)})
         return torch.stack([self._embeds[p] for p in prompts])
 
-    def denoiser(self) -> UNetDenoiser:
-        return UNetDenoiser(self.pipe.unet, self.pipe.scheduler.alphas_cumprod, self.prediction_type)
+    def denoiser(self, scheduler: DDIMScheduler | None = None) -> UNetDenoiser:
+        """The UNet as a denoiser on ``scheduler``'s ᾱ and prediction type — pass the scheduler the plan was
+        built from (default: the model's own, no overrides)."""
+        scheduler = scheduler if scheduler is not None else self.scheduler()
+        return UNetDenoiser(self.pipe.unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
 
 
 def load_model(
@@ -176,6 +184,8 @@ def load_model(
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not load model {spec['name']} from {path}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)  # inference; inverters that optimise (null-text) differentiate inputs only
     if runtime.get("vae_fp32", True) and dtype != torch.float32:
         pipe.vae.to(torch.float32)
     _apply_knobs(pipe, runtime, device)
