@@ -108,7 +108,10 @@ class Runner:
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
         self.points = grid_points(cfg)
         self.identity = model_identity(model, cfg)
-        self.inversion_guidance = float(cfg.inversion.guidance_scale)
+        # "match": invert each image at every sampling guidance of the grid (what exact inverters need)
+        self.match = cfg.inversion.guidance_scale == "match"
+        self.inversion_guidance = None if self.match else float(cfg.inversion.guidance_scale)
+        self.per_guidance = self.inverter.guidance_dependent or self.match  # one artifact per (image, g)
         self.evals = {
             "inversion": 0,
             "inversion_backwards": 0,
@@ -120,8 +123,13 @@ class Runner:
         self.minimum = Cost()  # what the work done so far must cost, by the inverter's formulas
 
     # -- step 2a: inversion artifacts, from the cache when possible --------------------------------
+    def inversion_guidance_for(self, guidance: float | None) -> float:
+        """The guidance an artifact serving sampling guidance ``guidance`` is inverted at."""
+        return float(guidance) if self.match else self.inversion_guidance
+
     def inversion_key(self, item: Item, guidance: float | None = None, method: dict | None = None) -> str:
-        """The cache key of ``item``'s artifact: everything that determines it and nothing else."""
+        """The cache key of ``item``'s artifact (or, with ``method``, of its DDIM pivot) serving sampling
+        guidance ``guidance``: everything that determines it and nothing else."""
         inverter = self.inverter if method is None else DDIMInversion()
         fields: dict[str, Any] = {
             "image": item.content_hash,
@@ -129,7 +137,7 @@ class Runner:
             "scheduler": dict(self.scheduler.config),
             "inverter": method or inverter.key(),
             "num_steps": self.cfg.num_steps,
-            "inversion_guidance": self.inversion_guidance,
+            "inversion_guidance": self.inversion_guidance_for(guidance),
             "prompt": item.prompt,
             "negative_prompt": self.cfg.negative_prompt,
         }
@@ -146,24 +154,23 @@ class Runner:
             guidance=torch.tensor(guidance, dtype=torch.float32),
         )
 
-    def _pivot(self, items: list[Item], x0: torch.Tensor, spent: dict[int, Cost]):
+    def _pivot(self, items: list[Item], x0: torch.Tensor, guidance: float | None, spent: dict[int, Cost]):
         """rows → DDIM trajectories (b, M+1, C, h, w) of those items, through the cache (null-text's pivot).
 
         What computing a pivot cost is added to ``spent[row]``.
         """
+        inversion_guidance = self.inversion_guidance_for(guidance)
 
         def pivot(rows: torch.Tensor) -> torch.Tensor:
             method = DDIMInversion().key()
-            keys = [self.inversion_key(items[int(r)], method=method) for r in rows]
+            keys = [self.inversion_key(items[int(r)], guidance, method=method) for r in rows]
             found = [self.cache.load(k) for k in keys]
             todo = [j for j, a in enumerate(found) if a is None]
             if todo:
-                cond = self.cond(
-                    [items[int(rows[j])].prompt for j in todo], [self.inversion_guidance] * len(todo)
-                )
+                cond = self.cond([items[int(rows[j])].prompt for j in todo], [inversion_guidance] * len(todo))
                 ctx = InvertContext(batch_size=self.cfg.batch_size, progress=self.cfg.runtime.progress)
                 art = DDIMInversion().invert(self.denoiser, x0[rows[todo]], self.plan, cond, ctx)
-                one = DDIMInversion().inversion_cost(self.plan, {}, 1.0, self.inversion_guidance)
+                one = DDIMInversion().inversion_cost(self.plan, {}, 1.0, inversion_guidance)
                 for n, j in enumerate(todo):
                     found[j] = {k: v[n].cpu() for k, v in art.items()}
                     self.cache.save(keys[j], found[j], {"image": items[int(rows[j])].name, "pivot": True})
@@ -181,7 +188,7 @@ class Runner:
         Guidance-independent inverters have one artifact per image, under g = None. A cached artifact cost
         this run nothing.
         """
-        guidances = sorted({p.guidance for p in self.points}) if self.inverter.guidance_dependent else [None]
+        guidances = sorted({p.guidance for p in self.points}) if self.per_guidance else [None]
         found: dict[tuple[int, float | None], Artifact] = {}
         costs: dict[tuple[int, float | None], Cost] = {}
         for g in guidances:
@@ -200,9 +207,10 @@ class Runner:
                 generators=[torch.Generator().manual_seed(int(self.cfg.seed)) for _ in todo],
                 batch_size=self.cfg.batch_size,
                 progress=self.cfg.runtime.progress,
-                pivot=self._pivot([items[i] for i in todo], x0[todo], spent),
+                pivot=self._pivot([items[i] for i in todo], x0[todo], g, spent),
             )
-            cond = self.cond([items[i].prompt for i in todo], [self.inversion_guidance] * len(todo))
+            inversion_guidance = self.inversion_guidance_for(g)
+            cond = self.cond([items[i].prompt for i in todo], [inversion_guidance] * len(todo))
             fwd, bwd = self.denoiser.unet_evals, self.denoiser.unet_backwards
             art = self.inverter.invert(self.denoiser, x0[todo], self.plan, cond, ctx)
             self.evals["inversion"] += self.denoiser.unet_evals - fwd
@@ -211,7 +219,7 @@ class Runner:
             for n, i in enumerate(todo):
                 found[i, g] = {k: v[n].detach().cpu() for k, v in art.items()}
                 cost = self.inverter.inversion_cost(
-                    self.plan, found[i, g], 1.0 if g is None else g, self.inversion_guidance
+                    self.plan, found[i, g], 1.0 if g is None else g, inversion_guidance
                 )
                 self.minimum += cost
                 costs[i, g] = (cost + spent.get(n, Cost()), False)
@@ -226,8 +234,7 @@ class Runner:
     def sample_grid(self, items: list[Item], artifacts: dict, first_index: int = 0) -> torch.Tensor:
         """Final latents (len(items) × len(points), C, h, w), rows ordered image-major."""
         rows = list(itertools.product(range(len(items)), enumerate(self.points)))
-        dependent = self.inverter.guidance_dependent
-        artifact = _stack([artifacts[i, p.guidance if dependent else None] for i, (_, p) in rows])
+        artifact = _stack([artifacts[i, p.guidance if self.per_guidance else None] for i, (_, p) in rows])
         guidance = [p.guidance for _, (_, p) in rows]
         stochastic = self.cfg.eta > 0
         gens = (
@@ -276,10 +283,9 @@ class Runner:
         latent_err = mse(out.cpu(), x0.cpu().repeat_interleave(P, dim=0))
         seconds = (time.perf_counter() - start) / (len(items) * P)
         memory = peak_memory_mb(self.model.device)
-        dependent = self.inverter.guidance_dependent
         rows = []
         for r, (i, (j, p)) in enumerate(itertools.product(range(len(items)), enumerate(self.points))):
-            cost, cached = costs[i, p.guidance if dependent else None]
+            cost, cached = costs[i, p.guidance if self.per_guidance else None]
             edit = p.target is not None and p.target != items[i].prompt
             rows.append(
                 {
@@ -292,7 +298,7 @@ class Runner:
                     "scheduler": cfg.scheduler.name,
                     "inverter": cfg.inverter.name,
                     "num_steps": cfg.num_steps,
-                    "inversion_guidance_scale": self.inversion_guidance,
+                    "inversion_guidance_scale": self.inversion_guidance_for(p.guidance),
                     "guidance_scale": p.guidance,
                     "start_step": p.start_step,
                     "eta": float(cfg.eta),

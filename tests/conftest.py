@@ -47,3 +47,11 @@ def tiny_v(cache_dir):
 
     spec = model_spec("tiny", scheduler={"prediction_type": "v_prediction"})
     return load_model(spec, {"device": "cpu"}, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def digits(cache_dir):
+    """The shipped digits model (16 px, 8×8×4 latents), loaded once per session."""
+    from ddim_lab.models.loading import load_model
+
+    return load_model(model_spec("digits"), {"device": "cpu"}, cache_dir)

@@ -1,0 +1,253 @@
+"""The inverter contract across methods, and the schedule fixes every method builds on.
+
+- one scheduler feeds the plan and the denoiser, whatever ``scheduler.overrides`` says;
+- zero-terminal-SNR schedules are finite (v-prediction, parity with diffusers) or rejected (ε-prediction);
+- v-prediction is converted at the network's own timestep, the convention exact for a latent-independent ε;
+- negative-prompt and Direct inversion beat DDIM at guidance 7.5 on the digits model;
+- ``inversion.guidance_scale=match`` inverts at every sampling guidance of the grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from omegaconf import DictConfig
+
+from ddim_lab.config import compose_config
+from ddim_lab.data import Item, load_dataset
+from ddim_lab.ddim import invert, sample
+from ddim_lab.denoiser import Conditioning, UNetDenoiser
+from ddim_lab.experiment import Runner
+from ddim_lab.inversion import INVERTERS, inverter_class, make_plan
+from tests.denoisers import sd_scheduler
+
+DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
+
+
+def make_cfg(*overrides: str, model: str = "tiny", steps: int = 8) -> DictConfig:
+    base = [
+        f"model={model}",
+        f"num_steps={steps}",
+        "metrics.lpips=off",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        "cache.enabled=false",
+    ]
+    return compose_config([*base, *overrides])
+
+
+def items_for(model, n: int) -> list[Item]:
+    """n held-out digits of different classes at the model's resolution."""
+    return load_dataset(DIGITS, model.resolution, "")[: 2 * n : 2]
+
+
+# -- one scheduler for plan and denoiser ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "check"),
+    [
+        (
+            "+scheduler.overrides.prediction_type=v_prediction",
+            lambda r: r.denoiser.prediction_type == "v_prediction",
+        ),
+        (
+            "+scheduler.overrides.beta_schedule=linear",
+            lambda r: (
+                not torch.allclose(r.denoiser.alphas_cumprod, r.model.pipe.scheduler.alphas_cumprod.double())
+            ),
+        ),
+    ],
+)
+def test_plan_and_denoiser_read_the_same_scheduler(tiny, override, check):
+    runner = Runner(make_cfg(override), tiny)
+    assert check(runner)  # the override reached the denoiser, not just the plan
+    torch.testing.assert_close(runner.denoiser.alphas_cumprod, runner.scheduler.alphas_cumprod.double())
+    assert runner.denoiser.prediction_type == runner.scheduler.config.prediction_type
+    ac = runner.scheduler.alphas_cumprod.double()
+    torch.testing.assert_close(runner.plan.alpha, ac[runner.plan.timesteps])
+    assert Runner(make_cfg(), tiny).inversion_key(items_for(tiny, 1)[0]) != runner.inversion_key(
+        items_for(tiny, 1)[0]
+    )
+
+
+# -- zero terminal SNR ----------------------------------------------------------------------------------
+
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def test_zero_terminal_snr_sampling_is_finite_and_matches_diffusers(tiny_v):
+    pipe = tiny_v.pipe
+    scheduler = tiny_v.scheduler(**ZERO_SNR)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ZERO_SNR)
+    unet = pipe.unet.config
+    x = torch.randn(
+        1, unet.in_channels, unet.sample_size, unet.sample_size, generator=torch.Generator().manual_seed(0)
+    )
+    ref = pipe(
+        "a cat", latents=x.clone(), num_inference_steps=10, guidance_scale=2.0, output_type="latent"
+    ).images
+    cond = Conditioning(tiny_v.embed(["a cat"]), tiny_v.embed([""]), torch.tensor([2.0]))
+    plan = make_plan("ddim", scheduler, 10)
+    assert float(plan.alpha[0]) == 0.0  # the first step starts from pure noise
+    ours = sample(tiny_v.denoiser(scheduler), x, plan, cond)
+    assert torch.isfinite(ours).all() and torch.isfinite(ref).all()
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+    # inversion reaches ᾱ = 0 and comes back finite too
+    traj = invert(tiny_v.denoiser(scheduler), ours, plan, cond)
+    assert torch.isfinite(traj).all()
+    assert torch.isfinite(sample(tiny_v.denoiser(scheduler), traj[-1], plan, cond)).all()
+
+
+def test_zero_terminal_snr_with_epsilon_prediction_is_rejected(tiny):
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        Runner(make_cfg("+scheduler.overrides.rescale_betas_zero_snr=true", "scheduler=ddim-trailing"), tiny)
+
+
+# -- the v-prediction convention ----------------------------------------------------------------------
+
+
+class LatentIndependentV(torch.nn.Module):
+    """A v-predicting "UNet" whose ε is a fixed table ε(t), expressed at its own timestep:
+    v = √ᾱ_t ε − √(1−ᾱ_t) x̂₀ with x̂₀ = (x − √(1−ᾱ_t) ε)/√ᾱ_t."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.ac = alphas_cumprod.double()
+        self.table = torch.randn(
+            len(self.ac), *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+        )
+        self.dtype = torch.float64
+
+    def forward(self, x, t, encoder_hidden_states=None, **_):
+        t = torch.as_tensor(t).expand(len(x))
+        a = self.ac[t].view(-1, 1, 1, 1)
+        eps = self.table[t]
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
+
+
+def test_v_prediction_is_converted_at_the_networks_timestep_which_is_exact():
+    scheduler = sd_scheduler(prediction_type="v_prediction")
+    net = LatentIndependentV(scheduler.alphas_cumprod, (4, 8, 8))
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond = Conditioning(torch.zeros(2, 1, 1), None, torch.ones(2))
+    plan = make_plan("ddim", scheduler, 20)
+    den = UNetDenoiser(net, scheduler.alphas_cumprod, "v_prediction")
+    traj = invert(den, x0, plan, cond)
+    torch.testing.assert_close(sample(den, traj[-1], plan, cond), x0, atol=1e-6, rtol=0)
+
+    # diffusers' DDIMInverseScheduler converts v at the cleaner latent's ᾱ: not exact for the same network
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(20)
+    z = x0.clone()
+    for t in inverse.timesteps:
+        z = inverse.step(net(z, t).sample, t, z).prev_sample
+    forward = DDIMScheduler.from_config(scheduler.config)
+    forward.set_timesteps(20)
+    back = z.clone()
+    for t in forward.timesteps:
+        back = forward.step(net(back, t).sample, t, back).prev_sample
+    assert (back - x0).abs().max() > 1e-2
+    assert (z - traj[-1]).abs().max() > 1e-2  # the two conventions really differ
+
+
+# -- negative-prompt and Direct inversion on the digits model ------------------------------------------
+
+
+def _recon_psnr(digits, inverter: str, guidance: float = 7.5) -> float:
+    cfg = make_cfg(f"inverter={inverter}", f"guidance_scale={guidance}", model="digits", steps=20)
+    rows, _ = Runner(cfg, digits).run_group(items_for(digits, 3))
+    return sum(r["psnr"] for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("method", ["negative_prompt", "direct"])
+def test_reconstruction_at_high_guidance_beats_ddim(digits, method):
+    ddim = _recon_psnr(digits, "ddim")
+    assert _recon_psnr(digits, method) > ddim + 1.0
+
+
+def test_direct_reconstruction_is_the_input_and_edits_equal_ddim(digits):
+    cfg = make_cfg(
+        "inverter=direct",
+        "task=edit",
+        "edit_prompt=[null,a handwritten digit eight]",
+        "guidance_scale=7.5",
+        "start_step=[0,5]",
+        model="digits",
+        steps=10,
+    )
+    runner = Runner(cfg, digits)
+    items = items_for(digits, 2)
+    x0 = digits.encode(torch.stack([it.image for it in items]))
+    artifacts, _ = runner.artifacts(items, x0)
+    out = runner.sample_grid(
+        items, artifacts
+    )  # (2 × 4, C, h, w): [recon k0, recon k5, edit k0, edit k5] per image
+    P = len(runner.points)
+    for i in range(len(items)):
+        for j, p in enumerate(runner.points):
+            if p.target is None:
+                torch.testing.assert_close(out[i * P + j], x0[i], atol=1e-4, rtol=0)
+    ddim = Runner(make_cfg(*[a for a in cfg_overrides(cfg)], "inverter=ddim", model="digits", steps=10), digits)
+    ref = ddim.sample_grid(items, artifacts)
+    edits = [i * P + j for i in range(len(items)) for j, p in enumerate(runner.points) if p.target is not None]
+    torch.testing.assert_close(out[edits], ref[edits], atol=1e-5, rtol=0)
+    assert runner.denoiser.unet_evals == runner.minimum.forwards
+
+
+def cfg_overrides(cfg: DictConfig) -> list[str]:
+    return [
+        "task=edit",
+        "edit_prompt=[null,a handwritten digit eight]",
+        f"guidance_scale={cfg.guidance_scale}",
+        "start_step=[0,5]",
+    ]
+
+
+def test_negative_prompt_reconstruction_costs_one_row_per_step(tiny):
+    cfg = make_cfg(
+        "inverter=negative_prompt",
+        "task=edit",
+        "edit_prompt=[null,a dog]",
+        "guidance_scale=[1,3]",
+        "start_step=[0,3]",
+    )
+    runner = Runner(cfg, tiny)
+    items = items_for(tiny, 2)
+    rows, _ = runner.run_group(items)
+    recon = sum((8 - k) for k in (0, 3)) * 2  # both guidances, one row per step
+    edit = sum((8 - k) * e for k in (0, 3) for e in (1, 2))
+    assert runner.evals["sampling"] == len(items) * (recon + edit)
+    assert runner.denoiser.unet_evals == runner.minimum.forwards
+    assert runner.inversion_key(items[0]) == Runner(make_cfg(), tiny).inversion_key(items[0])  # shares ddim's
+
+
+# -- inversion guidance "match" -------------------------------------------------------------------------
+
+
+def test_match_inverts_at_each_sampling_guidance(tiny):
+    items = items_for(tiny, 2)
+    runner = Runner(make_cfg("inversion.guidance_scale=match", "guidance_scale=[1,3]"), tiny)
+    rows, _ = runner.run_group(items)
+    assert {(r["guidance_scale"], r["inversion_guidance_scale"]) for r in rows} == {(1.0, 1.0), (3.0, 3.0)}
+    assert runner.evals["inversion"] == len(items) * 8 * (1 + 2)
+    assert runner.denoiser.unet_evals == runner.minimum.forwards
+    fixed = Runner(make_cfg("inversion.guidance_scale=3"), tiny)
+    assert runner.inversion_key(items[0], 3.0) == fixed.inversion_key(items[0])  # the same artifact
+    x0 = tiny.encode(torch.stack([it.image for it in items]))
+    art, _ = runner.artifacts(items, x0)
+    ref, _ = fixed.artifacts(items, x0)
+    torch.testing.assert_close(art[0, 3.0]["trajectory"], ref[0, None]["trajectory"])
+
+
+def test_every_registered_inverter_exists():
+    for name in INVERTERS:
+        cls = inverter_class(name)
+        assert cls.name == name
+        assert (Path(__file__).resolve().parents[1] / "conf" / "inverter" / f"{name}.yaml").exists()
