@@ -251,3 +251,63 @@ def test_every_registered_inverter_exists():
         cls = inverter_class(name)
         assert cls.name == name
         assert (Path(__file__).resolve().parents[1] / "conf" / "inverter" / f"{name}.yaml").exists()
+
+
+# -- every method through the engine: accounting, batching, the cache ---------------------------------
+
+ALL = sorted(INVERTERS)
+GRID = ["task=edit", "edit_prompt=[null,a dog]", "guidance_scale=[1,3]", "start_step=[0,3]"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_engine_spends_each_methods_formula_and_batches_exactly(tiny, name):
+    items = items_for(tiny, 2)
+    runner = Runner(make_cfg(f"inverter={name}", *GRID, "batch_size=5", "inversion.guidance_scale=match"), tiny)
+    rows, _ = runner.run_group(items)
+    assert len(rows) == len(items) * len(runner.points)
+    assert runner.denoiser.unet_evals == runner.minimum.forwards > 0
+    assert runner.denoiser.unet_backwards == runner.minimum.backwards
+    summary = runner.summary(len(items))
+    assert summary["unet_evals"] == summary["minimum_unet_evals"] and summary["formula"]
+    # the same grid one trajectory per UNet call gives the same latents
+    x0 = tiny.encode(torch.stack([it.image for it in items]))
+    alone = Runner(make_cfg(f"inverter={name}", *GRID, "batch_size=1", "inversion.guidance_scale=match"), tiny)
+    artifacts, _ = alone.artifacts(items, x0)
+    together = Runner(
+        make_cfg(f"inverter={name}", *GRID, "batch_size=16", "inversion.guidance_scale=match"), tiny
+    )
+    a = together.sample_grid(items, artifacts)
+    b = alone.sample_grid(items, artifacts)
+    torch.testing.assert_close(a, b, atol=1e-4 * float(a.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_artifacts_round_trip_through_the_cache(tiny, tmp_path, name):
+    items = items_for(tiny, 2)
+    cfg = make_cfg(f"inverter={name}", *GRID, "cache.enabled=true", f"cache.dir='{tmp_path}'")
+    first = Runner(cfg, tiny)
+    rows_a, _ = first.run_group(items)
+    second = Runner(cfg, tiny)
+    rows_b, _ = second.run_group(items)
+    assert not any(r["inversion_cached"] for r in rows_a)
+    assert all(r["inversion_cached"] for r in rows_b) and second.evals["inversion"] == 0
+    assert second.evals["inversion_backwards"] == 0
+    assert [r["latent_mse"] for r in rows_a] == [r["latent_mse"] for r in rows_b]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_key_holds_the_knobs_and_no_sampling_setting(tiny, name):
+    item = items_for(tiny, 1)[0]
+    base = Runner(make_cfg(f"inverter={name}"), tiny)
+    key = base.inversion_key(item, 3.0)
+    for sampling in (["start_step=[0,2]"], ["batch_size=3"], ["task=edit", "edit_prompt=a dog"]):
+        assert Runner(make_cfg(f"inverter={name}", *sampling), tiny).inversion_key(item, 3.0) == key
+    seeded = Runner(make_cfg(f"inverter={name}", "seed=7"), tiny).inversion_key(item, 3.0)
+    assert (seeded != key) == base.inverter.stochastic
+    other_guidance = base.inversion_key(item, 5.0)
+    assert (other_guidance != key) == base.inverter.guidance_dependent
+    for knob, value in base.inverter.key().items():
+        if knob == "method" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        changed = Runner(make_cfg(f"inverter={name}", f"inverter.{knob}={value * 2 + 1}"), tiny)
+        assert changed.inversion_key(item, 3.0) != key, knob
