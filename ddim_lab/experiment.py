@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.cache import InversionCache, inversion_key
 from ddim_lab.config import as_list
+from ddim_lab.control import control_settings, make_control
+from ddim_lab.control.base import save_control_images
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
 from ddim_lab.inversion import make_inverter
@@ -108,6 +110,20 @@ class Runner:
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
         self.points = grid_points(cfg)
         self.identity = model_identity(model, cfg)
+        # ControlNet conditioning: each image's control image rides in Conditioning.extra["control"]
+        self.control = (
+            make_control(OmegaConf.to_container(cfg.control, resolve=True))
+            if model.controlnet is not None
+            else None
+        )
+        self.controls: dict[str, torch.Tensor] = {}  # item name → control image (3, R, R)
+        if self.control is not None:  # part of every cache key; unconditioned keys stay as they were
+            self.identity.update(
+                control=self.control.key(),
+                controlnet=cfg.controlnet.name,
+                controlnet_revision=model.controlnet_revision,
+                controlnet_scale=model.controlnet_scale,
+            )
         # "match": invert each image at every sampling guidance of the grid (what exact inverters need)
         self.match = cfg.inversion.guidance_scale == "match"
         self.inversion_guidance = None if self.match else float(cfg.inversion.guidance_scale)
@@ -147,11 +163,26 @@ class Runner:
             fields["guidance"] = float(guidance)
         return inversion_key(**fields)
 
-    def cond(self, prompts: list[str], guidance: list[float]) -> Conditioning:
+    def control_images(self, items: list[Item]) -> torch.Tensor:
+        """Control images (B, 3, R, R) of ``items``, computed once per image from its preprocessed pixels."""
+        todo = list({it.name: it for it in items if it.name not in self.controls}.values())
+        if todo:
+            made = self.control(torch.stack([it.image for it in todo]), [it.name for it in todo])
+            self.controls.update({it.name: c for it, c in zip(todo, made, strict=True)})
+        return torch.stack([self.controls[it.name] for it in items])
+
+    def cond(self, prompts: list[str], guidance: list[float], items: list[Item] | None = None) -> Conditioning:
+        """Row-aligned conditioning; with a ControlNet, ``items`` (each row's image) give the control rows."""
+        extra = {}
+        if self.control is not None:
+            if items is None:
+                raise ValueError("a ControlNet run needs each row's image for its control image")
+            extra["control"] = self.control_images(items).to(self.model.device)
         return Conditioning(
             text=self.model.embed(prompts),
             null=self.model.embed([self.cfg.negative_prompt] * len(prompts)),
             guidance=torch.tensor(guidance, dtype=torch.float32),
+            extra=extra,
         )
 
     def _pivot(self, items: list[Item], x0: torch.Tensor, guidance: float | None, spent: dict[int, Cost]):
@@ -167,7 +198,8 @@ class Runner:
             found = [self.cache.load(k) for k in keys]
             todo = [j for j, a in enumerate(found) if a is None]
             if todo:
-                cond = self.cond([items[int(rows[j])].prompt for j in todo], [inversion_guidance] * len(todo))
+                mine = [items[int(rows[j])] for j in todo]
+                cond = self.cond([it.prompt for it in mine], [inversion_guidance] * len(todo), mine)
                 ctx = InvertContext(batch_size=self.cfg.batch_size, progress=self.cfg.runtime.progress)
                 art = DDIMInversion().invert(self.denoiser, x0[rows[todo]], self.plan, cond, ctx)
                 one = DDIMInversion().inversion_cost(self.plan, {}, 1.0, inversion_guidance)
@@ -204,13 +236,15 @@ class Runner:
             spent: dict[int, Cost] = {}
             ctx = InvertContext(
                 guidance=1.0 if g is None else g,
-                generators=[torch.Generator().manual_seed(int(self.cfg.seed)) for _ in todo],
+                generators=[torch.Generator().manual_seed(self.image_seed(items[i])) for i in todo],
                 batch_size=self.cfg.batch_size,
                 progress=self.cfg.runtime.progress,
                 pivot=self._pivot([items[i] for i in todo], x0[todo], g, spent),
             )
             inversion_guidance = self.inversion_guidance_for(g)
-            cond = self.cond([items[i].prompt for i in todo], [inversion_guidance] * len(todo))
+            cond = self.cond(
+                [items[i].prompt for i in todo], [inversion_guidance] * len(todo), [items[i] for i in todo]
+            )
             fwd, bwd = self.denoiser.unet_evals, self.denoiser.unet_backwards
             art = self.inverter.invert(self.denoiser, x0[todo], self.plan, cond, ctx)
             self.evals["inversion"] += self.denoiser.unet_evals - fwd
@@ -225,6 +259,11 @@ class Runner:
                 costs[i, g] = (cost + spent.get(n, Cost()), False)
                 self.cache.save(keys[n], found[i, g], {"image": items[i].name, "prompt": items[i].prompt})
         return found, costs
+
+    def image_seed(self, item: Item) -> int:
+        """The seed a stochastic inverter draws one image's noise from: the run's seed and the image's content,
+        so images differ from each other and an image draws the same alone or in any batch."""
+        return (int(self.cfg.seed) * 1_000_003 + int(item.content_hash[:12], 16)) % 2**63
 
     # -- step 2b: every grid point of every image, batched -----------------------------------------
     def sample_seed(self, image_index: int, point_index: int) -> int:
@@ -244,8 +283,10 @@ class Runner:
         )
         batch = SampleRows(
             artifact={k: v.to(self.model.device) for k, v in artifact.items()},
-            cond=self.cond([p.target or items[i].prompt for i, (_, p) in rows], guidance),
-            source=self.cond([items[i].prompt for i, _ in rows], guidance),
+            cond=self.cond(
+                [p.target or items[i].prompt for i, (_, p) in rows], guidance, [items[i] for i, _ in rows]
+            ),
+            source=self.cond([items[i].prompt for i, _ in rows], guidance, [items[i] for i, _ in rows]),
             start=torch.tensor([p.start_step for _, (_, p) in rows]),
             edit=torch.tensor([p.target is not None and p.target != items[i].prompt for i, (_, p) in rows]),
             generators=gens,
@@ -323,6 +364,8 @@ class Runner:
                 }
             )
         columns = {"input": images, "VAE round-trip": vae_images}
+        if self.control is not None:
+            columns[f"control: {self.control.name}"] = self.control_images(items)
         for j, p in enumerate(self.points):
             columns[p.label] = results[j::P]
         return rows, columns
@@ -362,6 +405,9 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
     for n, first in enumerate(range(0, len(items), group)):
         part = items[first : first + group]
         new_rows, columns = runner.run_group(part, first)
+        if runner.control is not None:  # control settings in the rows, control images beside the results
+            new_rows = [{**r, **control_settings(cfg)} for r in new_rows]
+            save_control_images(run_dir / "controls", [it.name for it in part], runner.control_images(part))
         rows += new_rows
         table = write_results(rows, run_dir)
         grid = save_grid(
