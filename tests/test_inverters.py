@@ -256,13 +256,15 @@ def test_every_registered_inverter_exists():
 # -- every method through the engine: accounting, batching, the cache ---------------------------------
 
 ALL = sorted(INVERTERS)
-GRID = ["task=edit", "edit_prompt=[null,a dog]", "guidance_scale=[1,3]", "start_step=[0,3]"]
+GRID = ["task=edit", "edit_prompt=[null,a handwritten digit eight]", "guidance_scale=[1,3]", "start_step=[0,3]"]
+# the trained digits model: on random weights (tiny), float32 round-off that differs with the batch size is
+# amplified by EDICT and BDIA (two chained predictions a step, a latent from two steps back) beyond 1e-4
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_engine_spends_each_methods_formula_and_batches_exactly(tiny, name):
-    items = items_for(tiny, 2)
-    runner = Runner(make_cfg(f"inverter={name}", *GRID, "batch_size=5", "inversion.guidance_scale=match"), tiny)
+def test_engine_spends_each_methods_formula_and_batches_exactly(digits, name):
+    items = items_for(digits, 2)
+    runner = Runner(dcfg(f"inverter={name}", *GRID, "batch_size=5", "inversion.guidance_scale=match"), digits)
     rows, _ = runner.run_group(items)
     assert len(rows) == len(items) * len(runner.points)
     assert runner.denoiser.unet_evals == runner.minimum.forwards > 0
@@ -270,11 +272,11 @@ def test_engine_spends_each_methods_formula_and_batches_exactly(tiny, name):
     summary = runner.summary(len(items))
     assert summary["unet_evals"] == summary["minimum_unet_evals"] and summary["formula"]
     # the same grid one trajectory per UNet call gives the same latents
-    x0 = tiny.encode(torch.stack([it.image for it in items]))
-    alone = Runner(make_cfg(f"inverter={name}", *GRID, "batch_size=1", "inversion.guidance_scale=match"), tiny)
+    x0 = digits.encode(torch.stack([it.image for it in items]))
+    alone = Runner(dcfg(f"inverter={name}", *GRID, "batch_size=1", "inversion.guidance_scale=match"), digits)
     artifacts, _ = alone.artifacts(items, x0)
     together = Runner(
-        make_cfg(f"inverter={name}", *GRID, "batch_size=16", "inversion.guidance_scale=match"), tiny
+        dcfg(f"inverter={name}", *GRID, "batch_size=16", "inversion.guidance_scale=match"), digits
     )
     a = together.sample_grid(items, artifacts)
     b = alone.sample_grid(items, artifacts)
@@ -282,12 +284,12 @@ def test_engine_spends_each_methods_formula_and_batches_exactly(tiny, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_artifacts_round_trip_through_the_cache(tiny, tmp_path, name):
-    items = items_for(tiny, 2)
-    cfg = make_cfg(f"inverter={name}", *GRID, "cache.enabled=true", f"cache.dir='{tmp_path}'")
-    first = Runner(cfg, tiny)
+def test_artifacts_round_trip_through_the_cache(digits, tmp_path, name):
+    items = items_for(digits, 2)
+    cfg = dcfg(f"inverter={name}", *GRID, "cache.enabled=true", f"cache.dir='{tmp_path}'")
+    first = Runner(cfg, digits)
     rows_a, _ = first.run_group(items)
-    second = Runner(cfg, tiny)
+    second = Runner(cfg, digits)
     rows_b, _ = second.run_group(items)
     assert not any(r["inversion_cached"] for r in rows_a)
     assert all(r["inversion_cached"] for r in rows_b) and second.evals["inversion"] == 0
@@ -296,18 +298,23 @@ def test_artifacts_round_trip_through_the_cache(tiny, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_the_key_holds_the_knobs_and_no_sampling_setting(tiny, name):
-    item = items_for(tiny, 1)[0]
-    base = Runner(make_cfg(f"inverter={name}"), tiny)
+def test_the_key_holds_the_knobs_and_no_sampling_setting(digits, name):
+    item = items_for(digits, 1)[0]
+    base = Runner(dcfg(f"inverter={name}"), digits)
     key = base.inversion_key(item, 3.0)
     for sampling in (["start_step=[0,2]"], ["batch_size=3"], ["task=edit", "edit_prompt=a dog"]):
-        assert Runner(make_cfg(f"inverter={name}", *sampling), tiny).inversion_key(item, 3.0) == key
-    seeded = Runner(make_cfg(f"inverter={name}", "seed=7"), tiny).inversion_key(item, 3.0)
+        assert Runner(dcfg(f"inverter={name}", *sampling), digits).inversion_key(item, 3.0) == key
+    seeded = Runner(dcfg(f"inverter={name}", "seed=7"), digits).inversion_key(item, 3.0)
     assert (seeded != key) == base.inverter.stochastic
     other_guidance = base.inversion_key(item, 5.0)
     assert (other_guidance != key) == base.inverter.guidance_dependent
     for knob, value in base.inverter.key().items():
         if knob == "method" or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        changed = Runner(make_cfg(f"inverter={name}", f"inverter.{knob}={value * 2 + 1}"), tiny)
+        other = value + 1 if isinstance(value, int) else value * 0.5
+        changed = Runner(dcfg(f"inverter={name}", f"inverter.{knob}={other}"), digits)
         assert changed.inversion_key(item, 3.0) != key, knob
+
+
+def dcfg(*overrides: str) -> DictConfig:
+    return make_cfg(*overrides, model="digits")
