@@ -318,3 +318,27 @@ def test_the_key_holds_the_knobs_and_no_sampling_setting(digits, name):
 
 def dcfg(*overrides: str) -> DictConfig:
     return make_cfg(*overrides, model="digits")
+
+
+def test_the_readme_example_method_runs_through_the_engine(digits, monkeypatch):
+    import re
+    import sys
+    import types
+
+    from omegaconf import open_dict
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The inverter contract: adding a method") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("readme_inverter")
+    monkeypatch.setitem(sys.modules, "readme_inverter", module)  # dataclasses look their module up
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    monkeypatch.setitem(INVERTERS, "halfway", "readme_inverter:HalfwayInversion")
+    cfg = dcfg("guidance_scale=[1,3]", "start_step=[0,3]")
+    with open_dict(cfg):
+        cfg.inverter = {"name": "halfway", "blend": 0.2}
+    runner = Runner(cfg, digits)
+    rows, _ = runner.run_group(items_for(digits, 2))
+    assert runner.denoiser.unet_evals == runner.minimum.forwards
+    assert runner.inverter.key() == {"method": "halfway"}  # blend only changes sampling
+    assert all(r["psnr"] > 20 for r in rows)
