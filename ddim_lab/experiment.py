@@ -137,6 +137,7 @@ class Runner:
             "pivots_computed": 0,
         }
         self.minimum = Cost()  # what the work done so far must cost, by the inverter's formulas
+        self.started = time.perf_counter()
 
     # -- step 2a: inversion artifacts, from the cache when possible --------------------------------
     def inversion_guidance_for(self, guidance: float | None) -> float:
@@ -383,6 +384,7 @@ class Runner:
             "minimum_unet_backwards": self.minimum.backwards,
             "images": images,
             "grid_points": len(self.points),
+            "seconds": time.perf_counter() - self.started,
             "peak_memory_mb": peak_memory_mb(self.model.device),
         }
 
