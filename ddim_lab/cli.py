@@ -1,4 +1,8 @@
-"""``ddim-lab``: the Hydra app. ``ddim-lab task=edit edit_prompt=... -m num_steps=25,50`` and so on."""
+"""``ddim-lab``: the Hydra app. ``ddim-lab task=edit edit_prompt=... -m num_steps=25,50`` and so on.
+
+A job never exits the process: it records a failure in its directory (``error.json``) and returns, so the
+other jobs of a sweep run; ``main`` exits non-zero at the end (2 for config, model and data errors).
+"""
 
 from __future__ import annotations
 
@@ -6,74 +10,255 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.config import CONF_DIR, ConfigError, register_resolvers, validate
+from ddim_lab.config import config_dir, register_resolvers, validate
+from ddim_lab.distributed import broadcast, process_info
+from ddim_lab.sweep import (
+    OUTCOME,
+    RunDirConflict,
+    claim,
+    config_hash,
+    is_done,
+    is_usage_error,
+    mark_done,
+    one_line,
+    pinned_device,
+    record_failure,
+    write_json,
+)
 
 log = logging.getLogger("ddim_lab")
 
+register_resolvers()  # also in launcher workers (submitit, joblib), which import this module to run a job
 
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | None = None) -> None:
-    """Validate, load the model, run the task, log. Raises ConfigError / ModelUnavailable on bad input."""
+
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    group: str | None = None,
+    name: str | None = None,
+    overrides: list[str] | None = None,
+    job_num: int | None = None,
+) -> str:
+    """Validate, load the model, run the task, log; ``skipped`` when ``run_dir`` holds this config finished.
+
+    Raises ConfigError / ModelUnavailable / DataError on bad input, RunDirConflict when ``run_dir`` holds
+    another config's run.
+    """
+    digest = config_hash(cfg)
+    rank, world, local_rank = process_info()
+    run_dir = Path(broadcast(str(run_dir)))  # under accelerate launch: the main process's directory
+    if is_done(run_dir, digest):
+        log.info("already finished in %s (config %s): skipped", run_dir, digest)
+        return "skipped"
     validate(cfg)  # before anything heavy
-    from ddim_lab.experiment import reconstruct_or_edit
-    from ddim_lab.loggers import open_logger
-    from ddim_lab.metrics import LpipsUnavailable, lpips_backbone_path, lpips_missing_message
-    from ddim_lab.models.loading import load_model
-    from ddim_lab.tasks import alpha_plot, text_to_image
-
-    net = cfg.metrics.lpips_net
-    if cfg.metrics.lpips == "required" and not lpips_backbone_path(net).exists():
-        raise LpipsUnavailable(lpips_missing_message(net))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.runtime, cfg.cache.dir)
-    if cfg.task == "alpha_plot":
-        alpha_plot(cfg, model, run_dir)
-        return
-    with open_logger(cfg.logger, resolved, run_dir, group, name) as logger:
-        if cfg.task == "sample":
-            text_to_image(cfg, model, run_dir, logger)
-        else:
-            reconstruct_or_edit(cfg, model, run_dir, logger)
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def app(cfg: DictConfig) -> None:
-    from ddim_lab.data import DataError
-    from ddim_lab.metrics import LpipsUnavailable
-    from ddim_lab.models.loading import ModelUnavailable
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    group = Path(hydra_cfg.sweep.dir).name if multirun else None
-    name = hydra_cfg.job.override_dirname or run_dir.name
-    try:
-        run(cfg, run_dir, group, name)
-    except (ConfigError, ModelUnavailable, DataError, FileNotFoundError, LpipsUnavailable) as err:
-        log.error("%s", err)
-        sys.exit(2)
-    log.info("results in %s", run_dir)
-
-
-def main() -> None:
-    """Console entry point."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import diffusers
+    import torch
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()  # loading bars; the lab's own loops have theirs
     transformers.utils.logging.disable_progress_bar()
-    register_resolvers()
+
+    from ddim_lab.loggers import open_logger
+    from ddim_lab.models.loading import attach_controlnet, load_model, resolve_device
+    from ddim_lab.provenance import provenance
+    from ddim_lab.tasks import alpha_plot, text_to_image
+
+    if cfg.task in ("reconstruct", "edit") and cfg.metrics.lpips == "required":  # tasks that measure LPIPS
+        from ddim_lab.metrics import LpipsUnavailable, lpips_backbone_path, lpips_missing_message
+
+        if not lpips_backbone_path(cfg.metrics.lpips_net).exists():
+            raise LpipsUnavailable(lpips_missing_message(cfg.metrics.lpips_net))
+    claimed: tuple[bool, str | None] = (False, None)
+    if rank == 0:
+        try:
+            claimed = (claim(run_dir, digest, list(overrides or [])), None)
+        except RunDirConflict as err:
+            claimed = (False, str(err))
+    resumed, conflict = broadcast(claimed)
+    if conflict:
+        raise RunDirConflict(conflict)
+    if resumed:
+        log.info("resuming the unfinished run in %s", run_dir)
+    if rank > 0 and cfg.task not in ("reconstruct", "edit"):
+        return "done"  # only reconstruct/edit split their images over processes; the main process does the rest
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    slot = local_rank if world > 1 else job_num  # a GPU per process, or per job of a parallel sweep
+    if slot is not None:
+        device = pinned_device(str(cfg.runtime.device), slot, gpus)
+        if device != cfg.runtime.device:
+            log.info(
+                "%s pinned to %s (%d GPUs visible)",
+                f"process {rank}" if world > 1 else f"job {slot}",
+                device,
+                gpus,
+            )
+            cfg.runtime.device = device
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        device = str(resolve_device(cfg.runtime.device))
+        write_json(run_dir / "provenance.json", provenance(device=device, dtype=cfg.runtime.dtype))
+    torch.manual_seed(cfg.seed)
+    if cfg.task == "alpha_plot":
+        alpha_plot(cfg, run_dir)
+    else:
+        model = attach_controlnet(load_model(cfg.model, cfg.runtime, cfg.cache.dir), cfg.controlnet)
+        logger_cfg = cfg.logger if rank == 0 else {"name": "local"}
+        with open_logger(logger_cfg, resolved, run_dir, group, name) as logger:
+            if cfg.task == "sample":
+                text_to_image(cfg, model, run_dir, logger)
+            elif cfg.task == "controlnet":
+                from ddim_lab.controlnet_task import controlnet_task  # imported by its task only (cv2 & co.)
+
+                controlnet_task(cfg, model, run_dir, logger)
+            else:
+                from ddim_lab.experiment import reconstruct_or_edit
+
+                reconstruct_or_edit(cfg, model, run_dir, logger)
+    if rank == 0:
+        mark_done(run_dir, digest, task=cfg.task)
+        log.info("results in %s", run_dir)
+    return "done"
+
+
+def wandb_group(sweep_dir: str) -> str:
+    """The W&B group of a sweep's jobs: the sweep directory's full path (unique across days and machines'
+    runs of one project, unlike its time of day)."""
+    return str(Path(sweep_dir).resolve())
+
+
+def _plain_config(cfg: DictConfig) -> dict | None:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:  # an interpolation that cannot resolve: keep the raw values
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def app(cfg: DictConfig) -> dict[str, Any]:
+    """One job. Failures are recorded and logged on one line, never raised, so a sweep goes on."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = wandb_group(hydra_cfg.sweep.dir) if multirun else None
+    name = hydra_cfg.job.override_dirname or run_dir.name
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        status = run(cfg, run_dir, group, name, overrides, hydra_cfg.job.num if multirun else None)
+    except Exception as err:  # noqa: BLE001 - recorded in error.json with its traceback
+        usage = is_usage_error(err)
+        if not isinstance(err, RunDirConflict):  # never write into another run's directory
+            record_failure(run_dir, err, _plain_config(cfg), overrides)
+        if usage:
+            log.error("%s", one_line(err))
+        else:
+            log.error("%s: %s (traceback in %s)", type(err).__name__, one_line(err), run_dir / "error.json")
+        log.debug("job failed", exc_info=err)
+        if not multirun:
+            OUTCOME.update(code=2 if usage else 1, failures=[one_line(err)])
+        return {"status": "failed", "error": one_line(err), "usage": usage}
+    return {"status": status}
+
+
+# -- one-line errors for what Hydra rejects while composing (bad key, type, group option) ----------------
+def _composition_error_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf composition error as one line."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options is not None:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        choices = ", ".join(sorted(err.options))
+        return f"unknown option {group}={option} ({err.missing_cfg_file}); choose one of: {choices}"
+    parts = []
+    cause: BaseException | None = err
+    while cause is not None and len(parts) < 3:
+        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
+        if lines:
+            parts.append(lines[0])
+        cause = cause.__cause__
+    text = " ".join(dict.fromkeys(parts)) or type(err).__name__
+    if "not in struct" in text or "not in 'LabConfig'" in text or "Key '" in text and "not" in text:
+        text += " (misspelled? `ddim-lab --help` lists the keys)"
+    return text
+
+
+def _variants(overrides: list[str]) -> list[list[str]]:
+    """Override lists covering every value of every discrete sweep once (the first values elsewhere)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base: list[str] = []
+    sweeps: list[tuple[int, list[str]]] = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            base.append(override.input_line)
+            continue
+        if not override.is_discrete_sweep():
+            continue  # interval(...) for an optimising sweeper: checked by the sweeper
+        key = override.get_key_element()
+        values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+        if values:
+            sweeps.append((len(base), values))
+            base.append(values[0])
+    variants = [base]
+    for index, values in sweeps:
+        for value in values[1:]:
+            variant = list(base)
+            variant[index] = value
+            variants.append(variant)
+    return variants
+
+
+def precheck(argv: list[str]) -> str | None:
+    """Compose the config for every sweep value before Hydra starts; one error line, or None when fine."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return None
+    if args.config_path or args.config_name or args.config_dir or args.experimental_rerun:
+        return None
+    try:
+        variants = _variants(list(args.overrides))
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="precheck"):
+            for overrides in variants:
+                compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        return _composition_error_line(err)
+    return None
+
+
+def _stderr_logging() -> None:
+    """Hydra's console format, for messages logged before Hydra has configured logging."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+        )
+
+
+def main() -> None:
+    """Console entry point: exit code 0, 2 (config, model or data errors) or 1 (other failures)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    error = precheck(sys.argv[1:])
+    if error is not None:
+        _stderr_logging()
+        log.error("%s", error)
+        sys.exit(2)
+    OUTCOME.update(code=0, failures=[])
     app()
+    if OUTCOME["code"]:
+        sys.exit(OUTCOME["code"])
 
 
 if __name__ == "__main__":

@@ -1,28 +1,120 @@
-"""Config helpers: the ``${asset:...}`` resolver and validation that runs before any model loads."""
+"""Config helpers: the typed schema (Hydra ConfigStore), resolvers, and validation before any model loads."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-TASKS = ("reconstruct", "edit", "sample", "alpha_plot")
+TASKS = ("reconstruct", "edit", "sample", "alpha_plot", "controlnet")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's conf/ (install with pip -e)
+SCHEMA_NAME = "ddim_lab_schema"
+LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message is one line that names the key."""
 
 
+# -- the typed schema of the primary config (conf/config.yaml keeps the values) ---------------------------
+@dataclass
+class InversionSchema:
+    guidance_scale: Any = 1.0  # a number >= 0, or "match": invert at each sampling guidance of the grid
+
+
+@dataclass
+class MetricsSchema:
+    lpips: str = "auto"
+    lpips_net: str = "alex"
+
+
+@dataclass
+class CacheSchema:
+    enabled: bool = True
+    dir: str = ".cache/ddim_lab"
+
+
+@dataclass
+class RuntimeSchema:
+    device: str = "auto"
+    dtype: str = "fp32"
+    vae_fp32: bool = True
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile: bool = False
+    cpu_offload: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DataSchema:
+    path: str = MISSING
+    categories: list[Any] | None = None  # PIE-Bench-format data: editing types to keep (None = all)
+
+
+@dataclass
+class SchedulerSchema:
+    name: str = MISSING
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LabConfig:
+    """Every key of ``ddim-lab``; ``model``, ``inverter`` and ``logger`` are free-form (their keys differ per
+    option), ``guidance_scale``/``start_step``/``prompt``/``edit_prompt`` take a value or a list."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    inverter: dict[str, Any] = field(default_factory=dict)
+    data: DataSchema = field(default_factory=DataSchema)
+    logger: dict[str, Any] = field(default_factory=dict)
+    task: str = "reconstruct"
+    num_steps: int = 50
+    guidance_scale: Any = 1.0
+    inversion: InversionSchema = field(default_factory=InversionSchema)
+    start_step: Any = 0
+    prompt: Any = ""
+    edit_prompt: Any = None
+    negative_prompt: str = ""
+    seed: int = 0
+    eta: float = 0.0
+    batch_size: int = 16
+    num_images: int = 4
+    metrics: MetricsSchema = field(default_factory=MetricsSchema)
+    cache: CacheSchema = field(default_factory=CacheSchema)
+    runtime: RuntimeSchema = field(default_factory=RuntimeSchema)
+    control: dict[str, Any] = field(default_factory=dict)  # conf/control: the ControlNet input signal
+    controlnet: dict[str, Any] = field(default_factory=dict)  # conf/controlnet: the ControlNet model
+    sampler: str = "ddim"  # task=controlnet: ddim | unipc | dpmpp
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore; ``conf/config.yaml`` lists it first in its defaults."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=LabConfig)
+
+
 def register_resolvers() -> None:
-    """``${asset:NAME}`` → the path of ``ddim_lab/assets/NAME`` in the installed package."""
+    """``${asset:NAME}`` → the path of ``ddim_lab/assets/NAME`` in the installed package; also stores the
+    schema (both are needed before Hydra composes)."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver(
             "asset", lambda name: str(resources.files("ddim_lab") / "assets" / name)
         )
+    register_configs()
+
+
+def config_dir() -> Path:
+    """The config folder: ``ddim_lab/conf`` inside an installed wheel, else the checkout's ``conf/``."""
+    packaged = Path(str(resources.files("ddim_lab"))) / "conf"
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    return CONF_DIR
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -30,8 +122,16 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def _annotated(cfg: DictConfig) -> bool:
+    """Whether ``data.path`` is a PIE-Bench-format folder (images with their own edit annotation)."""
+    from ddim_lab.pie import is_pie_dir
+
+    path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
+    return path is not None and is_pie_dir(path)
 
 
 def as_list(value: Any) -> list:
@@ -43,8 +143,40 @@ def as_list(value: Any) -> list:
     return [value]
 
 
+def check_device(name: str) -> None:
+    """Raise ConfigError when ``runtime.device`` names a device this machine does not have."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"runtime.device={name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"runtime.device={name}: CUDA is not available here (torch {torch.__version__}); "
+                "use runtime.device=auto or cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"runtime.device={name}: only {count} CUDA device(s) are visible")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"runtime.device={name}: MPS is not available here; use runtime.device=auto")
+    elif device.type != "cpu":
+        raise ConfigError(f"runtime.device={name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one clear line) for values that cannot run."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        hint = " (data=folder takes your images: data.path=/path/to/images)" if key == "data.path" else ""
+        raise ConfigError(f"{key} is required: set {key}=...{hint}")
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
     n = cfg.num_steps
@@ -52,7 +184,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"num_steps={n!r} must be an integer in [1, 1000]")
     for key, values in (
         ("guidance_scale", as_list(cfg.guidance_scale)),
-        ("inversion.guidance_scale", [cfg.inversion.guidance_scale]),
+        (
+            "inversion.guidance_scale",
+            [] if cfg.inversion.guidance_scale == "match" else [cfg.inversion.guidance_scale],
+        ),
     ):
         for g in values:
             if not isinstance(g, int | float) or isinstance(g, bool) or g < 0:
@@ -61,21 +196,45 @@ def validate(cfg: DictConfig) -> None:
     if not starts:
         raise ConfigError("start_step is empty")
     for k in starts:
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < n:
+        if not isinstance(k, int) or isinstance(k, bool):
             raise ConfigError(f"start_step={k!r} must be an integer in [0, num_steps={n})")
-        if cfg.inverter.name == "course" and k > n - 3:
-            raise ConfigError(
-                f"start_step={k!r}: the course inverter keeps N-2 latents, so start_step <= {n - 3}"
-            )
     if cfg.eta < 0:
         raise ConfigError(f"eta={cfg.eta!r} must be >= 0")
+    if cfg.task in ("reconstruct", "edit"):
+        check_inverter(cfg, starts)
     if cfg.task == "sample" and len(as_list(cfg.guidance_scale)) != 1:
         raise ConfigError("task=sample takes one guidance_scale; sweep several with -m guidance_scale=a,b")
-    if cfg.task == "edit" and not as_list(cfg.edit_prompt):
-        raise ConfigError("task=edit needs edit_prompt=... (a string or a list)")
+    if cfg.task == "edit" and not as_list(cfg.edit_prompt) and not _annotated(cfg):
+        raise ConfigError(
+            "task=edit needs edit_prompt=... (a string or a list), or PIE-Bench-format data (data=pie) whose"
+            " images carry their own target prompts"
+        )
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size!r} must be >= 1")
     if cfg.metrics.lpips not in ("auto", "required", "off"):
         raise ConfigError(f"metrics.lpips={cfg.metrics.lpips!r} must be auto, required or off")
+    if cfg.metrics.lpips_net not in LPIPS_NETS:
+        raise ConfigError(f"metrics.lpips_net={cfg.metrics.lpips_net!r} must be one of {', '.join(LPIPS_NETS)}")
     if cfg.runtime.dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"runtime.dtype={cfg.runtime.dtype!r} must be fp32, fp16 or bf16")
+    check_device(str(cfg.runtime.device))
+    from ddim_lab.control.checks import check_control
+
+    check_control(cfg)
+
+
+def check_inverter(cfg: DictConfig, starts: list[int]) -> None:
+    """The inverter's own check of num_steps, start steps and eta (no model needed)."""
+    from ddim_lab.inversion import make_inverter
+
+    spec = OmegaConf.to_container(cfg.inverter, resolve=True)
+    try:
+        make_inverter(spec).check(cfg.num_steps, starts, float(cfg.eta))
+    except (ValueError, KeyError) as err:
+        raise ConfigError(str(err).replace("\n", " ")) from err
+
+
+def job_environment() -> dict[str, str]:
+    """The environment a job sees (kept for provenance of launcher-set variables)."""
+    keys = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    return {k: os.environ[k] for k in keys if k in os.environ}

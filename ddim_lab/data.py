@@ -93,16 +93,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+LONG_SIDE_FACTOR = 2  # beyond (long side resized) > 2 R, only the part that lands in the square is resampled
+
+
 def _resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to ``resolution`` (Lanczos) and crop the centre square."""
+    """Resize the shorter side to ``resolution`` (Lanczos) and crop the centre square.
+
+    For a very elongated image (resized long side above ``LONG_SIDE_FACTOR`` × R) only the source region
+    that ends up in the square is resampled (Pillow's ``resize(box=...)``, as ``ImageOps.fit`` does), with
+    the same sample positions and filter, so the cost does not grow with the discarded part (a 3000 × 2 px
+    strip at 512 px would otherwise be resized to 768000 × 512 first). Other images are resized whole, then
+    cropped, bit for bit as before.
+    """
     width, height = img.size
     scale = resolution / min(width, height)
     new_w = max(resolution, round(width * scale))
     new_h = max(resolution, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
     left = (new_w - resolution) // 2
     top = (new_h - resolution) // 2
+    if max(new_w, new_h) > LONG_SIDE_FACTOR * resolution:
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
     return img.crop((left, top, left + resolution, top + resolution))
 
 
@@ -196,7 +210,11 @@ def load_dataset(path: str | Path, resolution: int, default_prompt: str) -> list
     else:
         root, files = path.parent, [path]
     captions = read_captions(root)
-    items, used = [], set()
+    if not captions:
+        logger.info(
+            "no %s or %s in %s: every image gets prompt=%r", CAPTIONS_CSV, CAPTIONS_JSONL, root, default_prompt
+        )
+    items, used, uncaptioned = [], set(), 0
     for file in files:
         name = file.relative_to(root).as_posix()
         try:
@@ -208,10 +226,13 @@ def load_dataset(path: str | Path, resolution: int, default_prompt: str) -> list
             continue
         key = name if name in captions else file.name
         used.add(key)
+        uncaptioned += key not in captions
         prompt = captions.get(key, default_prompt)
         items.append(Item(name, file, pixels_to_tensor(pixels), prompt, content_hash(pixels)))
     if not items:
         raise DataError(f"no readable images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    if captions and uncaptioned:
+        logger.info("%d image(s) in %s have no caption: they get prompt=%r", uncaptioned, root, default_prompt)
     unused = sorted(set(captions) - used)
     if path.is_dir() and unused:
         logger.warning("%d caption(s) in %s match no loaded image, e.g. %s", len(unused), root, unused[:3])

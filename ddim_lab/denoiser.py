@@ -105,6 +105,8 @@ class UNetDenoiser:
         dtype = self.unet.dtype
         kwargs = {}
         if self.controlnet is not None:
+            if "control" not in cond.extra:
+                raise ValueError("a ControlNet needs the rows' control images in cond.extra['control']")
             down, mid = self.controlnet(
                 x.to(dtype),
                 t,

@@ -33,11 +33,17 @@ from ddim_lab.control import control_settings, make_control
 from ddim_lab.control.base import save_control_images
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
+from ddim_lab.digits_pie import edit_success, target_digit
+from ddim_lab.edit_metrics import EditMetrics, empty_region_counts
 from ddim_lab.inversion import make_inverter
 from ddim_lab.inversion.base import Artifact, Cost, InvertContext, SampleRows
 from ddim_lab.inversion.ddim import DDIMInversion
+from ddim_lab.judge import Judge, train_judge
 from ddim_lab.metrics import ImageMetrics, mse
 from ddim_lab.models.loading import LatentModel
+from ddim_lab.pie import PieItem, is_pie_dir, load_pie
+from ddim_lab.protocol import Protocol
+from ddim_lab.provenance import provenance
 from ddim_lab.records import save_grid, write_results
 
 log = logging.getLogger(__name__)
@@ -50,19 +56,24 @@ class GridPoint:
     guidance: float
     start_step: int
     target: str | None  # edit prompt; None reconstructs with the image's own prompt
+    from_item: bool = False  # edit to each image's own target prompt (PIE-Bench data)
 
     @property
     def label(self) -> str:
-        what = "recon" if self.target is None else self.target
+        what = "target" if self.from_item else "recon" if self.target is None else self.target
         return f"g={self.guidance:g} k={self.start_step} {what}"
 
 
-def grid_points(cfg: DictConfig) -> list[GridPoint]:
-    """The product guidance × start step × target of one job."""
+def grid_points(cfg: DictConfig, item_targets: bool = False) -> list[GridPoint]:
+    """The product guidance × start step × target of one job; ``item_targets``: an edit without
+    ``edit_prompt`` on annotated data edits each image to its own target prompt."""
     targets = as_list(cfg.edit_prompt) if cfg.task == "edit" else [None]
+    own = item_targets and cfg.task == "edit" and not targets
     return [
-        GridPoint(float(g), int(k), t)
-        for t, g, k in itertools.product(targets, as_list(cfg.guidance_scale), as_list(cfg.start_step))
+        GridPoint(float(g), int(k), t, from_item=own)
+        for t, g, k in itertools.product(
+            targets or [None], as_list(cfg.guidance_scale), as_list(cfg.start_step)
+        )
     ]
 
 
@@ -108,7 +119,11 @@ class Runner:
             )
         self.metrics = ImageMetrics(cfg.metrics.lpips_net, cfg.metrics.lpips, model.device)
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
-        self.points = grid_points(cfg)
+        self.points = grid_points(cfg, item_targets=is_pie_dir(cfg.data.path))
+        self.protocol: Protocol | None = None
+        self._edit_metrics: EditMetrics | None = None
+        self._judge: Judge | None = None
+        self.region_counts = {"empty_unedited": 0, "empty_edited": 0, "rows": 0}
         self.identity = model_identity(model, cfg)
         # ControlNet conditioning: each image's control image rides in Conditioning.extra["control"]
         self.control = (
@@ -267,6 +282,16 @@ class Runner:
         return (int(self.cfg.seed) * 1_000_003 + int(item.content_hash[:12], 16)) % 2**63
 
     # -- step 2b: every grid point of every image, batched -----------------------------------------
+    def target(self, item: Item, point: GridPoint) -> str | None:
+        """The prompt a trajectory samples with when it is an edit (None: reconstruction)."""
+        if point.from_item:
+            return item.target_prompt if isinstance(item, PieItem) else None
+        return point.target
+
+    def is_edit(self, item: Item, point: GridPoint) -> bool:
+        target = self.target(item, point)
+        return target is not None and target != item.prompt
+
     def sample_seed(self, image_index: int, point_index: int) -> int:
         """The seed of one stochastic trajectory: distinct per (image, grid point), stable across groups."""
         return int(self.cfg.seed) + image_index * len(self.points) + point_index
@@ -285,11 +310,13 @@ class Runner:
         batch = SampleRows(
             artifact={k: v.to(self.model.device) for k, v in artifact.items()},
             cond=self.cond(
-                [p.target or items[i].prompt for i, (_, p) in rows], guidance, [items[i] for i, _ in rows]
+                [self.target(items[i], p) or items[i].prompt for i, (_, p) in rows],
+                guidance,
+                [items[i] for i, _ in rows],
             ),
             source=self.cond([items[i].prompt for i, _ in rows], guidance, [items[i] for i, _ in rows]),
             start=torch.tensor([p.start_step for _, (_, p) in rows]),
-            edit=torch.tensor([p.target is not None and p.target != items[i].prompt for i, (_, p) in rows]),
+            edit=torch.tensor([self.is_edit(items[i], p) for i, (_, p) in rows]),
             generators=gens,
         )
         before = self.denoiser.unet_evals
@@ -319,21 +346,30 @@ class Runner:
         vae_scores = self.metrics(vae_images, images)
         artifacts, costs = self.artifacts(items, x0)
         out = self.sample_grid(items, artifacts, first_index)
+        if not bool(torch.isfinite(out).all()):
+            bad = sorted(
+                {
+                    items[r // len(self.points)].name
+                    for r in (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten().tolist()
+                }
+            )
+            raise NonFiniteResult(f"sampling gave NaN/inf latents for {', '.join(bad)}")
         results = self.model.decode(out)  # (G·P, 3, R, R)
         P = len(self.points)
         scores = self.metrics(results, images.repeat_interleave(P, dim=0))
         latent_err = mse(out.cpu(), x0.cpu().repeat_interleave(P, dim=0))
+        edit_scores = self.edit_scores(items, images, results)
         seconds = (time.perf_counter() - start) / (len(items) * P)
         memory = peak_memory_mb(self.model.device)
         rows = []
         for r, (i, (j, p)) in enumerate(itertools.product(range(len(items)), enumerate(self.points))):
             cost, cached = costs[i, p.guidance if self.per_guidance else None]
-            edit = p.target is not None and p.target != items[i].prompt
+            edit = self.is_edit(items[i], p)
             rows.append(
                 {
                     "image": items[i].name,
                     "prompt": items[i].prompt,
-                    "edit_prompt": p.target,
+                    "edit_prompt": self.target(items[i], p),
                     "negative_prompt": cfg.negative_prompt,
                     "task": cfg.task,
                     "model": cfg.model.name,
@@ -362,6 +398,8 @@ class Runner:
                     "sample_seed": self.sample_seed(first_index + i, j) if cfg.eta > 0 else None,
                     "seconds": seconds,
                     "peak_memory_mb": memory,
+                    "protocol": None if self.protocol is None else self.protocol.id(),
+                    **{k: v[r] for k, v in edit_scores.items()},
                 }
             )
         columns = {"input": images, "VAE round-trip": vae_images}
@@ -371,9 +409,50 @@ class Runner:
             columns[p.label] = results[j::P]
         return rows, columns
 
+    # -- step 2c: editing metrics on annotated (PIE-Bench-format) data -------------------------------
+    def set_protocol(self, items: list[Item]) -> None:
+        """The evaluation protocol of a run on annotated data: what makes its numbers comparable."""
+        if not items or not all(isinstance(it, PieItem) for it in items):
+            return
+        self.protocol = Protocol.for_images(
+            [it.name for it in items],
+            benchmark=Path(str(self.cfg.data.path)).name,
+            resolution=self.model.resolution,
+            lpips_net=self.cfg.metrics.lpips_net,
+        )
+
+    def edit_scores(self, items: list[Item], images: torch.Tensor, results: torch.Tensor) -> dict[str, list]:
+        """Per-row editing metrics (image-major like the results) when every item carries an edit mask:
+        unedited-region PSNR / LPIPS / MSE / SSIM, CLIP similarity to the prompt (whole and edit region),
+        structure distance, and, on the digits benchmark, edit success by the digit classifier."""
+        if not items or not all(isinstance(it, PieItem) for it in items):
+            return {}
+        if self._edit_metrics is None:
+            self._edit_metrics = EditMetrics(
+                lpips_net=self.cfg.metrics.lpips_net, lpips=self.cfg.metrics.lpips, device=self.model.device
+            )
+        P = len(self.points)
+        pairs = list(itertools.product(items, self.points))
+        prompts = [self.target(it, p) or it.prompt for it, p in pairs]
+        masks = torch.stack([it.mask for it in items]).repeat_interleave(P, dim=0)
+        scores = self._edit_metrics(results, images.repeat_interleave(P, dim=0), masks, prompts)
+        counts = empty_region_counts(
+            scores.pop("unedited_pixels").tolist(), scores.pop("edited_pixels").tolist()
+        )
+        self.region_counts = {k: self.region_counts[k] + v for k, v in counts.items()}
+        out = {k: [float(x) for x in v] for k, v in scores.items()}
+        digits = [target_digit(it) if self.is_edit(it, p) else None for it, p in pairs]
+        if any(d is not None for d in digits):
+            if self._judge is None:
+                self._judge = train_judge()
+            out["edit_success"] = edit_success(results, digits, self._judge).tolist()
+        return out
+
     def summary(self, images: int) -> dict[str, Any]:
         """run.json: network passes spent against the inverter's minimum, time and memory."""
+        extra = {} if self.protocol is None else {"protocol": self.protocol.fields(), **self.region_counts}
         return {
+            **extra,
             **self.evals,
             "inverter": self.inverter.name,
             "inverter_knobs": self.inverter.key(),
@@ -389,10 +468,28 @@ class Runner:
         }
 
 
+def load_items(cfg: DictConfig, resolution: int) -> list[Item]:
+    """The run's images: a PIE-Bench-format folder (``mapping_file.json``) gives items with their edit
+    annotation (target prompt, mask, blended words); anything else goes through ``data.load_dataset``."""
+    if is_pie_dir(cfg.data.path):
+        return load_pie(cfg.data.path, resolution, cfg.data.get("categories"))
+    return load_dataset(cfg.data.path, resolution, cfg.prompt)
+
+
 def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) -> pd.DataFrame:
-    """Tasks ``reconstruct`` and ``edit``: invert every image, then sample every grid point."""
+    """Tasks ``reconstruct`` and ``edit``: invert every image, then sample every grid point.
+
+    Each image group's rows are written once, atomically, as a part (``parts/g<N>-<images>.parquet``, after
+    its grid image); a rerun of the same config skips the groups whose part exists. Under ``accelerate
+    launch`` process r of W takes groups r, r + W, …; the main process merges the parts of every group into
+    ``results.parquet``/``results.csv`` at the end, the table one process would write.
+    """
+    from ddim_lab.distributed import barrier, gather, my_share, process_info
+    from ddim_lab.records import part_name, part_names, read_parts, write_part
+
     runner = Runner(cfg, model)
-    items = load_dataset(cfg.data.path, model.resolution, cfg.prompt)
+    items = load_items(cfg, model.resolution)
+    runner.set_protocol(items)
     log.info(
         "%d images × %d grid points (%s, %s, %d steps)",
         len(items),
@@ -401,26 +498,89 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
         cfg.scheduler.name,
         cfg.num_steps,
     )
-    rows: list[dict] = []
+    rank, world, _ = process_info()
     group = max(1, cfg.batch_size // len(runner.points))  # images whose trajectories share UNet calls
-    table = pd.DataFrame()
-    for n, first in enumerate(range(0, len(items), group)):
+    firsts = list(range(0, len(items), group))
+    keys = [f"{it.name}\t{getattr(it, 'content_hash', '')}\t{it.prompt}" for it in items]  # what a group holds
+    names = [part_name(n, keys[first : first + group]) for n, first in enumerate(firsts)]
+    finished = part_names(run_dir)
+    mine = my_share(len(firsts), rank, world)
+    todo = [n for n in mine if names[n] not in finished]
+    if len(todo) < len(mine):
+        log.info("%d of %d image groups already done: skipped", len(mine) - len(todo), len(mine))
+    computed = 0
+    failed: list[dict[str, Any]] = []
+    for n in todo:
+        first = firsts[n]
         part = items[first : first + group]
-        new_rows, columns = runner.run_group(part, first)
+        try:
+            new_rows, columns = runner.run_group(part, first)
+        except (
+            RuntimeError,
+            ValueError,
+            NonFiniteResult,
+        ) as err:  # out of memory, NaN, a bad image: this group only
+            failed.append(record_group_failure(run_dir, n, part, err))
+            continue
         if runner.control is not None:  # control settings in the rows, control images beside the results
             new_rows = [{**r, **control_settings(cfg)} for r in new_rows]
             save_control_images(run_dir / "controls", [it.name for it in part], runner.control_images(part))
-        rows += new_rows
-        table = write_results(rows, run_dir)
         grid = save_grid(
             run_dir / f"grid_{n:03d}.png",
             list(columns.items()),
             [f"{it.name}: {it.prompt}" for it in part],
         )
+        write_part(new_rows, run_dir, names[n])  # the group is done once its part exists
         logger.log_image(grid, f"images {first}–{first + len(part) - 1}")
+        computed += len(part)
         log.info("images %d/%d done", first + len(part), len(items))
-    summary = runner.summary(len(items))
+    summaries = gather({**runner.summary(computed), "groups_skipped": len(mine) - len(todo)})
+    barrier()
+    done = part_names(run_dir)
+    missing = [name for name in names if name not in done]
+    merged = read_parts(run_dir, [name for name in names if name in done])
+    if rank > 0:
+        if missing:
+            raise GroupsFailed(f"{len(missing)} image group(s) failed; see {run_dir / GROUP_ERRORS}")
+        return merged
+    table = write_results(merged.to_dict("records"), run_dir)  # results.parquet/.csv: the parts merged
+    summary = summaries[0]
+    if world > 1:  # counts add up over the processes
+        for other in summaries[1:]:
+            for key, value in other.items():
+                if isinstance(value, int) and not isinstance(value, bool) and key != "grid_points":
+                    summary[key] = summary.get(key, 0) + value
+    summary["processes"] = world
+    summary["failed_groups"] = len(missing)
+    summary["provenance"] = provenance(device=str(model.device), dtype=cfg.runtime.dtype)
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
     log.info("UNet evaluations: %(unet_evals)d (minimum %(minimum_unet_evals)d)", summary)
     logger.log_rows(table)
+    if missing:  # the finished groups are saved; a rerun computes only the failed ones
+        raise GroupsFailed(
+            f"{len(missing)} of {len(names)} image group(s) failed ({len(merged)} rows saved); see"
+            f" {run_dir / GROUP_ERRORS}; rerun the same command to retry them"
+        )
     return table
+
+
+GROUP_ERRORS = "group_errors.jsonl"
+
+
+class NonFiniteResult(RuntimeError):
+    """Sampling produced NaN or infinite latents for an image group."""
+
+
+class GroupsFailed(RuntimeError):
+    """Some image groups of a job failed; the others' rows are saved."""
+
+
+def record_group_failure(run_dir: Path, n: int, part: list[Item], err: BaseException) -> dict[str, Any]:
+    """Log one failed image group and append it to ``run_dir/group_errors.jsonl``; free GPU memory."""
+    entry = {"group": n, "images": [it.name for it in part], "type": type(err).__name__, "message": str(err)}
+    log.error("image group %d (%s) failed: %s: %s", n, ", ".join(entry["images"][:3]), entry["type"], err)
+    with (run_dir / GROUP_ERRORS).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return entry

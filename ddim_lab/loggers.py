@@ -74,24 +74,35 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def summary_means(df: pd.DataFrame) -> dict[str, float]:
+    """``{"mean/<column>": mean}`` over the numeric columns of ``df`` that have a value."""
+    numeric = df.select_dtypes(include=_NUMERIC_KINDS)
+    means = {}
+    for col in numeric.columns:
+        values = pd.to_numeric(numeric[col], errors="coerce").astype("float64").dropna()
+        if len(values):
+            means[f"mean/{col}"] = float(values.mean())
+    return means
+
+
 class WandbLogger(_ContextLogger):
-    """Logs to one W&B run: one step per result row, the whole table, and images; finishes the run once."""
+    """Logs to one W&B run: the results as one ``wandb.Table``, their means in the run summary, and images;
+    finishes the run once."""
 
     def __init__(self, run: Any) -> None:
         self.run = run
         self._finished = False
 
     def log_rows(self, df: pd.DataFrame) -> None:
-        """Log each row's numeric columns as one step, then the whole table under ``results``."""
+        """Log the whole table as ``results`` (one ``wandb.Table``) and each numeric column's mean over the rows
+        in the run summary (``mean/<column>``, missing values skipped)."""
         import wandb
 
-        numeric = df.select_dtypes(include=_NUMERIC_KINDS)
-        for _, row in numeric.iterrows():
-            metrics = {k: _plain(v) for k, v in row.items()}
-            self.run.log({k: v for k, v in metrics.items() if v is not None})
         # wandb.Table rejects pd.NA: hand it plain objects with None for missing values
         plain = df.astype(object).map(_plain)
         self.run.log({"results": wandb.Table(dataframe=plain)})
+        self.run.summary.update(summary_means(df))
+        self.run.summary["rows"] = len(df)
 
     def log_image(self, path: Path, caption: str) -> None:
         import wandb

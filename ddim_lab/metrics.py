@@ -16,9 +16,9 @@
 
 The LPIPS linear layers ship inside torchmetrics, but the backbone is torchvision's pretrained checkpoint,
 looked up in ``torch.hub.get_dir()/checkpoints/`` (``$TORCH_HOME/hub/checkpoints``). This module checks for
-that file itself and never lets torchvision try to download it: with ``lpips="auto"`` a missing file gives one
-warning per :class:`ImageMetrics` and NaN values, with ``"required"`` it raises :class:`LpipsUnavailable`,
-with ``"off"`` LPIPS is NaN without a warning.
+that file itself and never lets torchvision try to download it: with ``lpips="auto"`` a missing file gives a
+one-line warning, once per process (and backbone file), and NaN values, with ``"required"`` it raises
+:class:`LpipsUnavailable`, with ``"off"`` LPIPS is NaN without a warning.
 """
 
 from __future__ import annotations
@@ -44,6 +44,19 @@ LPIPS_MODES = ("auto", "required", "off")
 LPIPS_MIN_SIZE = 64
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 11  # torchmetrics: 2 * int(3.5 * sigma + 0.5) + 1, as in scikit-image
+
+
+_NOTIFIED: set[Path] = set()  # backbone files whose absence this process has already reported
+
+
+def lpips_missing_notice(net: str) -> str:
+    """The one-line notice for ``metrics.lpips=auto`` without the backbone file."""
+    path = lpips_backbone_path(net)
+    url = torchvision.models.get_model_weights(LPIPS_BACKBONE_ARCHS[net]).DEFAULT.url
+    return (
+        f"LPIPS ({net}) is unavailable: no {path} ($TORCH_HOME/hub/checkpoints; get it from {url} or with "
+        "`ddim-lab-prefetch`); LPIPS is recorded as NaN, metrics.lpips=off silences this"
+    )
 
 
 class LpipsUnavailable(RuntimeError):
@@ -153,11 +166,10 @@ class ImageMetrics:
         """Per-image LPIPS ``(B,)`` float32 for [0, 1] NCHW images; NaN when the backbone is unavailable."""
         if self._lpips is None:
             if self.lpips_mode == "auto" and not self._warned:
-                logger.warning(
-                    "%s LPIPS is reported as NaN (pass lpips='off' to silence this).",
-                    lpips_missing_message(self.lpips_net),
-                )
                 self._warned = True
+                if self._backbone not in _NOTIFIED:
+                    _NOTIFIED.add(self._backbone)
+                    logger.warning("%s", lpips_missing_notice(self.lpips_net))
             return torch.full((pred.shape[0],), float("nan"), dtype=torch.float32)
         a = upsample_for_lpips(pred.to(self.device, torch.float32))
         b = upsample_for_lpips(target.to(self.device, torch.float32))

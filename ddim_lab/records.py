@@ -1,4 +1,10 @@
-"""Result tables and image grids, written atomically so a crash never leaves a half-written file."""
+"""Result tables and image grids, written atomically so a crash never leaves a half-written file.
+
+Rows are stored as **parts**: one parquet file per image group under ``<run dir>/parts/``, each written once
+(atomically) and never rewritten, so a killed run keeps every finished group and a rerun skips them.
+``results.parquet``/``results.csv`` are the parts merged in name order (:func:`merge_parts`, at the end of a
+run); :func:`read_results` merges the parts of an unfinished run on the fly.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # torch is imported where images are drawn: reading tables stays light
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ BOOL_COLUMNS = ("inversion_cached",)
 
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
+PARTS_DIR = "parts"
 
 GRID_PAD = 4  # pixels between cells and around the grid
 GRID_HEADER_LINES = 3  # most text lines in a column header
@@ -89,6 +99,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for others to read too
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -129,8 +142,61 @@ def write_results(rows: list[dict], run_dir: Path) -> pd.DataFrame:
     return df
 
 
+def parts_dir(run_dir: Path) -> Path:
+    """Where a run's row parts live."""
+    return Path(run_dir) / PARTS_DIR
+
+
+def write_part(rows: list[dict], run_dir: Path, name: str) -> Path:
+    """Write ``rows`` as part ``name`` (``parts/<name>.parquet``) atomically: a part is complete or absent."""
+    df = results_frame(rows)
+    return atomic_write(parts_dir(run_dir) / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def part_names(run_dir: Path) -> set[str]:
+    """Names of the parts a run has written (finished image groups)."""
+    return {p.stem for p in parts_dir(run_dir).glob("*.parquet")}
+
+
+def read_parts(run_dir: Path, names: Iterable[str] | None = None) -> pd.DataFrame | None:
+    """Every part of a run (or only ``names``), concatenated in name order (None when there is none)."""
+    paths = sorted(parts_dir(run_dir).glob("*.parquet"), key=lambda p: p.name)
+    if names is not None:
+        wanted = set(names)
+        paths = [p for p in paths if p.stem in wanted]
+    if not paths:
+        return None
+    frames = [pd.read_parquet(p) for p in paths]
+    frames = [f for f in frames if len(f)] or frames[:1]
+    df = pd.concat(frames, ignore_index=True)
+    extras = [c for c in df.columns if c not in COLUMNS]
+    return df[[c for c in COLUMNS if c in df.columns] + extras]
+
+
+def merge_parts(run_dir: Path, names: Iterable[str] | None = None) -> pd.DataFrame:
+    """Write the merged parts (or only ``names``) as ``results.parquet`` and ``results.csv`` (each
+    atomically); return the table."""
+    df = read_parts(run_dir, names)
+    if df is None:
+        df = results_frame([])
+    atomic_write(Path(run_dir) / RESULTS_PARQUET, lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(Path(run_dir) / RESULTS_CSV, lambda tmp: df.to_csv(tmp, index=False))
+    return df
+
+
+def read_results(run_dir: Path) -> pd.DataFrame | None:
+    """A run's rows: its parts merged (also while it runs or after it was killed), else ``results.parquet``."""
+    parts = read_parts(run_dir)
+    if parts is not None:
+        return parts
+    path = Path(run_dir) / RESULTS_PARQUET
+    return pd.read_parquet(path) if path.exists() else None
+
+
 def _to_pil(image: torch.Tensor, scale: int) -> Image.Image:
     """A (3, H, W) float image in [0, 1] as a PIL image, upscaled ``scale``× with nearest neighbour."""
+    import torch
+
     arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     pil = Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
     if scale > 1:
@@ -223,3 +289,12 @@ def save_grid(
         _draw_lines(draw, (GRID_PAD, y0), lines, font, line_h)
 
     return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def part_name(index: int, keys: Iterable[str]) -> str:
+    """The part name of image group ``index``: its position and a digest of its images (content hashes), so a
+    rerun on changed data never takes an old part for a new group."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:10]
+    return f"g{index:05d}-{digest}"

@@ -9,26 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ddim_lab.records import RESULTS_PARQUET, atomic_write
+from ddim_lab.records import PARTS_DIR, RESULTS_PARQUET, atomic_write, read_results
+from ddim_lab.schema import CONFIG_KEYS, grouping_keys, normalize
 
 logger = logging.getLogger(__name__)
 
-CONFIG_COLUMNS = (
-    "task",
-    "model",
-    "scheduler",
-    "inverter",
-    "num_steps",
-    "inversion_guidance_scale",
-    "guidance_scale",
-    "start_step",
-    "eta",
-    "edit_prompt",
-)
+CONFIG_COLUMNS = CONFIG_KEYS  # every config key of the schema (ddim_lab/schema.py)
 SUMMARY_METRICS = ("psnr", "ssim", "lpips", "latent_mse", "vae_psnr", "unet_evals", "seconds")
-FIGURE_METRICS = ("psnr", "ssim", "lpips")
 MISSING = "n/a"
-LEGEND_CHARS = 60
 
 REPORT_PARQUET = "report.parquet"
 REPORT_CSV = "report.csv"
@@ -39,24 +27,54 @@ class NoResultsError(FileNotFoundError):
     """The directory holds no results.parquet."""
 
 
-def collect_results(root: Path) -> pd.DataFrame:
-    """Concatenate every ``results.parquet`` under ``root`` adding ``run_dir`` (relative path)."""
+def run_dirs(root: Path) -> list[Path]:
+    """Run directories under ``root``: those with a ``results.parquet`` or row parts (unfinished runs)."""
     root = Path(root)
-    paths = sorted(root.rglob(RESULTS_PARQUET))
-    if not paths:
-        raise NoResultsError(f"no {RESULTS_PARQUET} found under {root}")
+    found = {p.parent for p in root.rglob(RESULTS_PARQUET)}
+    found |= {p.parent.parent for p in root.rglob(f"{PARTS_DIR}/*.parquet")}
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def collect_results(root: Path) -> pd.DataFrame:
+    """Concatenate the rows of every run under ``root`` (parts merged for unfinished runs), adding
+    ``run_dir`` (relative path)."""
+    root = Path(root)
     frames = []
-    for path in paths:
-        df = pd.read_parquet(path)
-        df.insert(0, "run_dir", path.parent.relative_to(root).as_posix())
+    for run_dir in run_dirs(root):
+        finished = (run_dir / "done.json").exists() and (run_dir / RESULTS_PARQUET).exists()
+        df = pd.read_parquet(run_dir / RESULTS_PARQUET) if finished else read_results(run_dir)
+        if df is None:
+            continue
+        df.insert(0, "run_dir", run_dir.relative_to(root).as_posix())
         frames.append(df)
-        logger.info("read %d rows from %s", len(df), path)
+        logger.info("read %d rows from %s", len(df), run_dir)
+    if not frames:
+        raise NoResultsError(f"no {RESULTS_PARQUET} found under {root}")
     frames = [f for f in frames if len(f)] or frames[:1]  # concat with empty frames would blur the dtypes
     return pd.concat(frames, ignore_index=True)
 
 
-def varying_columns(df: pd.DataFrame, candidates: tuple[str, ...] = CONFIG_COLUMNS) -> list[str]:
-    """The candidate columns present in ``df`` that take more than one value (missing counts as a value)."""
+def job_problems(root: Path) -> list[str]:
+    """One line per job of the sweep under ``root`` that failed or is missing (never ran, or unfinished)."""
+    from ddim_lab.sweep import failure_line, sweep_jobs
+
+    lines = []
+    for job in sweep_jobs(root):
+        if job["status"] == "failed":
+            lines.append(failure_line(job))
+        elif job["status"] != "done":
+            what = "unfinished (running or killed)" if job["status"] == "running" else "missing (never ran)"
+            lines.append(f"job {job['dir']} [{' '.join(job.get('overrides', []))}] {what}")
+    return lines
+
+
+def varying_columns(df: pd.DataFrame, candidates: tuple[str, ...] | None = None) -> list[str]:
+    """The candidate columns present in ``df`` that take more than one value (missing counts as a value).
+
+    By default the schema's grouping keys: every config column that varies (undeclared text columns too),
+    except those with one value per image, which vary only with the image (``schema.grouping_keys``)."""
+    if candidates is None:
+        return grouping_keys(normalize(df))[0]
     return [c for c in candidates if c in df.columns and df[c].nunique(dropna=False) > 1]
 
 
@@ -77,6 +95,7 @@ def measured_metrics(df: pd.DataFrame) -> list[str]:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean (± std when more than one value) of each measured metric per combination of the varying configs."""
+    df = normalize(df)  # an empty edit_prompt and a null one are both a reconstruction
     keys = varying_columns(df)
     metrics = measured_metrics(df)
     values = df[metrics].apply(pd.to_numeric, errors="coerce").astype("float64")
@@ -110,8 +129,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def render_markdown(df: pd.DataFrame) -> str:
-    """The report: counts, the varying config columns, then the summary table."""
+def render_markdown(df: pd.DataFrame, problems: list[str] | None = None) -> str:
+    """The report: counts, the varying config columns, the summary table, then failed and missing jobs."""
     keys = varying_columns(df)
     n_images = df["image"].nunique() if "image" in df.columns else 0
     unmeasured = [m for m in SUMMARY_METRICS if m not in measured_metrics(df)]
@@ -129,64 +148,34 @@ def render_markdown(df: pd.DataFrame) -> str:
         markdown_table(summarize(df)),
         "",
     ]
+    if problems:
+        lines += [f"## Failed or missing jobs ({len(problems)})", "", *[f"- {p}" for p in problems], ""]
     return "\n".join(lines)
 
 
-def _metric_figure(df: pd.DataFrame, metric: str, x: str, series: list[str], path: Path) -> bool:
-    """Plot the mean of ``metric`` vs ``x``, one line per ``series`` combination; False if no data."""
-    from matplotlib.figure import Figure  # Figure without pyplot renders with Agg, no global backend state
+def make_figures(out_dir: Path, settings=None) -> list[Path]:
+    """Figures from ``out_dir/report.parquet`` only: each metric against num_steps (or start_step) with
+    bootstrap bands and the VAE ceiling (``fig_<metric>.png``), and Pareto plots when rows carry
+    ``edit_success``."""
+    from ddim_lab.report_figures import metric_figures, pareto_figures
+    from ddim_lab.report_tables import analyze
 
-    data = df[[x, *series]].copy()
-    data[metric] = pd.to_numeric(df[metric], errors="coerce").astype("float64")
-    data[x] = pd.to_numeric(data[x], errors="coerce").astype("float64")
-    data = data.dropna(subset=[x, metric])
-    if data.empty:
-        return False
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    lines = data.groupby(series, dropna=False, sort=True) if series else [((), data)]
-    for key, group in lines:
-        key = key if isinstance(key, tuple) else (key,)
-        curve = group.groupby(x, sort=True)[metric].mean()
-        label = ", ".join(f"{k}={_fmt(v)}" for k, v in zip(series, key, strict=True)) or metric
-        label = label if len(label) <= LEGEND_CHARS else label[: LEGEND_CHARS - 1] + "…"
-        ax.plot(curve.index, curve.to_numpy(), marker="o", label=label)
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.grid(True, alpha=0.3)
-    if series:
-        ax.legend(fontsize="small")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return True
-
-
-def make_figures(out_dir: Path) -> list[Path]:
-    """Plot psnr/ssim/lpips from ``out_dir/report.parquet`` vs num_steps (or start_step) as fig_<metric>.png."""
     out_dir = Path(out_dir)
     df = pd.read_parquet(out_dir / REPORT_PARQUET)
-    keys = varying_columns(df)
-    x = next((c for c in ("num_steps", "start_step") if c in keys), None)
-    if x is None:
-        logger.warning("no figures: neither num_steps nor start_step varies")
-        return []
-    series = [k for k in keys if k != x]
-    written = []
-    for metric in FIGURE_METRICS:
-        path = out_dir / f"fig_{metric}.png"
-        if metric in df.columns and _metric_figure(df, metric, x, series, path):
-            written.append(path)
-        else:
-            logger.info("no figure for %s: no values", metric)
-    return written
+    analysis = analyze(df, settings) if settings is not None else analyze(df)
+    return metric_figures(analysis, out_dir) + pareto_figures(analysis, out_dir)
 
 
 def write_report(root: Path, out_dir: Path) -> pd.DataFrame:
     """Merge the results under ``root`` and write report.parquet, report.csv and report.md into ``out_dir``."""
+    problems = job_problems(root)
+    for line in problems:
+        logger.warning("%s", line)
     df = collect_results(root)
     out_dir = Path(out_dir)
     atomic_write(out_dir / REPORT_PARQUET, lambda tmp: df.to_parquet(tmp, index=False))
     atomic_write(out_dir / REPORT_CSV, lambda tmp: df.to_csv(tmp, index=False))
-    text = render_markdown(df)
+    text = render_markdown(df, problems)
     atomic_write(out_dir / REPORT_MD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     logger.info("report of %d rows written to %s", len(df), out_dir)
     return df
@@ -197,19 +186,57 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddim-lab-report", description=__doc__)
     parser.add_argument("dir", type=Path, help="a run directory or a Hydra multirun directory")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: DIR)")
-    parser.add_argument("--figures", action="store_true", help="also plot psnr/ssim/lpips as fig_<metric>.png")
+    parser.add_argument(
+        "--figures", action="store_true", help="also plot metrics with interval bands (fig_*.png, pareto_*.png)"
+    )
+    parser.add_argument("--html", action="store_true", help="also write report.html, one self-contained page")
+    parser.add_argument(
+        "--images", default="", help="image ids for qualitative grids (comma-separated): qual_<id>.png"
+    )
+    parser.add_argument(
+        "--compare", default=None, help="config key to pair on the same images (default: inverter)"
+    )
+    parser.add_argument("--baseline", default=None, help="the --compare value the others are compared with")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument(
+        "--ci-method", choices=("percentile", "bca"), default="percentile", help="interval method"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     out_dir = args.out if args.out is not None else args.dir
     try:
-        write_report(args.dir, out_dir)
+        df = write_report(args.dir, out_dir)
     except NoResultsError as err:
         logger.error("ddim-lab-report: %s", err)
         return 2
-    if args.figures:
-        for path in make_figures(out_dir):
-            logger.info("wrote %s", path)
+    from ddim_lab.report_html import write_outputs
+    from ddim_lab.stats import Bootstrap
+
+    try:
+        settings = Bootstrap(args.resamples, args.seed, args.confidence, args.ci_method)
+        analysis, written = write_outputs(
+            df,
+            args.dir,
+            out_dir,
+            settings,
+            compare=args.compare,
+            baseline=args.baseline,
+            figures=args.figures,
+            page=args.html,
+            images=[i.strip() for i in args.images.split(",") if i.strip()],
+            problems=job_problems(args.dir),
+            append_markdown=Path(out_dir) / REPORT_MD,
+        )
+    except ValueError as err:  # a bad --baseline or bootstrap setting: one line
+        logger.error("ddim-lab-report: %s", err)
+        return 2
+    for note in analysis.notes:
+        logger.warning("%s", note)
+    for path in written:
+        logger.info("wrote %s", path)
     return 0
 
 

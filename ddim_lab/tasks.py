@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from ddim_lab.config import as_list
 from ddim_lab.ddim import sample
 from ddim_lab.denoiser import Conditioning
-from ddim_lab.inversion import make_plan
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
 from ddim_lab.schedule import exact_plan
@@ -84,15 +83,23 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
     return table
 
 
-def alpha_plot(cfg: DictConfig, model: LatentModel, run_dir: Path) -> pd.DataFrame:
-    """ᾱ_t against t over the whole schedule, with the DDIM timesteps of ``num_steps`` marked."""
+def alpha_plot(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """ᾱ_t against t over the whole schedule, with the DDIM timesteps of ``num_steps`` marked.
+
+    Needs only the model's scheduler config (for a hub model that one file), never its weights.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from omegaconf import OmegaConf
 
-    scheduler = model.scheduler(**cfg.scheduler.overrides)
-    plan = make_plan(cfg.inverter.name, scheduler, cfg.num_steps)
+    from ddim_lab.inversion import make_inverter
+    from ddim_lab.models.loading import load_scheduler_config
+    from ddim_lab.schedule import ddim_scheduler
+
+    scheduler = ddim_scheduler(load_scheduler_config(cfg.model, cfg.cache.dir), **cfg.scheduler.overrides)
+    plan = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True)).plan(scheduler, cfg.num_steps)
     ac = scheduler.alphas_cumprod
     table = pd.DataFrame({"timestep": plan.timesteps.numpy(), "alpha_cumprod": plan.alpha.numpy()})
     table.to_csv(run_dir / "alphas.csv", index=False)

@@ -3,7 +3,8 @@
 - ``ToyDenoiser``: a small random conv net, latent-dependent and nonlinear, with classifier-free guidance
   over ``Conditioning`` embeddings and the same counters as ``UNetDenoiser``. DDIM inversion is not exact
   for it; the exactly invertible methods must be.
-- ``GaussianDenoiser``: the ideal ε for Gaussian data x₀ ~ N(0, s² I), ε*(x_t) = √(1−ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t)·x_t,
+- ``GaussianDenoiser``: the ideal ε for Gaussian data x₀ ~ N(0, s² I),
+  ε*(x_t) = √(1−ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t)·x_t,
   whose probability-flow ODE is known in closed form: it scales x by √((ᾱ' s² + 1 − ᾱ')/(ᾱ s² + 1 − ᾱ)).
 """
 
@@ -57,7 +58,9 @@ class ToyDenoiser(torch.nn.Module):
         if bool((g == 1).all()):
             return text
         null = self.branch(x, t, cond.null)
-        self.unet_evals -= int((cond.guidance == 1).sum() + (cond.guidance == 0).sum())  # count as the UNet does
+        self.unet_evals -= int(
+            (cond.guidance == 1).sum() + (cond.guidance == 0).sum()
+        )  # count as the UNet does
         return null + g * (text - null)
 
 

@@ -71,7 +71,10 @@ def test_quickstart_writes_results_grids_and_config(tmp_path):
     assert list((run_dir).glob("grid_*.png")) and (run_dir / "config.yaml").exists()
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["unet_evals"] == summary["minimum_unet_evals"]
-    assert "LPIPS (alex) is unavailable" in proc.stderr
+    assert proc.stderr.count("LPIPS (alex) is unavailable") == 1 and "metrics.lpips=off" in proc.stderr
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["versions"]["torch"] and provenance["dtype"] == "fp32" and provenance["git_revision"]
+    assert json.loads((run_dir / "done.json").read_text())["config_hash"]
 
 
 def test_sweep_2x2_then_report_merges_every_job(tmp_path):
@@ -165,3 +168,110 @@ def test_sample_and_alpha_plot_tasks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     alphas = pd.read_csv(tmp_path / "a" / "alphas.csv")
     assert len(alphas) == 50 and alphas.alpha_cumprod.is_monotonic_increasing
+
+
+IMAGE = ROOT / "ddim_lab" / "assets" / "digits-heldout" / "digit0_0.png"
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "[ERROR]" in line]
+
+
+def test_failing_job_costs_only_itself_and_a_rerun_skips_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"data.path={IMAGE}", "inverter=course", "num_steps=2,3", "metrics.lpips=off"]
+    proc = ddim_lab([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(pd.read_parquet(sweep / "1" / "results.parquet")) == 1  # job 1 ran after job 0 failed
+    error = json.loads((sweep / "0" / "error.json").read_text())
+    assert error["type"] == "ConfigError" and "num_steps=2 must be at least 3" in error["message"]
+    assert error["config"]["num_steps"] == 2 and "num_steps=2" in error["overrides"]
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["failed", "done"]
+    failed = [line for line in proc.stderr.splitlines() if "job 0 [" in line and "failed:" in line]
+    assert len(failed) == 1 and "num_steps=2" in failed[0] and "at least 3" in failed[0]
+    assert "start_step <= -1" not in proc.stderr
+
+    again = ddim_lab([*args, f"hydra.sweep.dir={sweep}"], tmp_path)  # resume: the finished job is skipped
+    assert again.returncode == 2 and "already finished" in again.stderr
+    assert "loading model" not in again.stderr
+
+
+def test_run_directories_are_unique_and_never_shared(tmp_path):
+    cmd = ["task=alpha_plot", "num_steps=10"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ddim_lab.cli", *cmd],
+            cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    runs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/alphas.csv"))
+    assert len(runs) == 2  # started within the same second, two directories
+
+    fixed = tmp_path / "fixed"
+    assert ddim_lab([*cmd, f"hydra.run.dir={fixed}"], tmp_path).returncode == 0
+    other = ddim_lab(["task=alpha_plot", "num_steps=20", f"hydra.run.dir={fixed}"], tmp_path)
+    assert other.returncode == 2 and "already holds another run" in other.stderr
+    assert len(error_lines(other.stderr)) == 1 and not (fixed / "error.json").exists()
+    assert len(pd.read_csv(fixed / "alphas.csv")) == 10  # the first run's results are untouched
+
+
+def test_alpha_plot_needs_only_the_scheduler_config(tmp_path):
+    from ddim_lab.models.build import SD_SCHEDULER
+
+    # a Hugging Face cache holding nothing of SD 1.5 but its scheduler config
+    repo = tmp_path / "hf" / "hub" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    scheduler = repo / "snapshots" / commit / "scheduler"
+    scheduler.mkdir(parents=True)
+    (scheduler / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddim_lab.cli",
+            "task=alpha_plot",
+            "model=sd15",
+            "num_steps=25",
+            "hydra.run.dir=a",
+        ],
+        cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "a" / "alphas.csv")) == 25 and (tmp_path / "a" / "alpha_t.png").exists()
+    # the random-weight tiny model is not built for a plot of its schedule
+    proc = ddim_lab(["model=tiny", "task=alpha_plot", f"hydra.run.dir={tmp_path / 't'}"], tmp_path)
+    assert proc.returncode == 0 and not (tmp_path / "cache" / "models").exists()
+
+
+def test_help_is_the_apps_own(tmp_path):
+    proc = ddim_lab(["--help"], tmp_path)
+    assert proc.returncode == 0 and "Config groups" in proc.stdout and "inverter" in proc.stdout
+    assert "train" not in proc.stdout.replace("constraint", "")
+    assert "submitit_local" in proc.stdout and "ddim-lab-prefetch" in proc.stdout
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", "num_steps=10,20", f"data.path={IMAGE}", "metrics.lpips=off"]
+    proc = ddim_lab([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = [pd.read_parquet(sweep / str(i) / "results.parquet") for i in range(2)]
+    assert [int(t.num_steps[0]) for t in tables] == [10, 20]
+    pids = {json.loads((sweep / str(i) / "job.json").read_text())["pid"] for i in range(2)}
+    assert len(pids) == 2 and (sweep / ".submitit").is_dir()

@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from ddim_lab.config import ConfigError, compose_config, validate
+from ddim_lab.cli import precheck
+from ddim_lab.config import ConfigError, LabConfig, check_device, compose_config, config_dir, validate
 from tests.conftest import CONF
 
 GROUPS = ("model", "scheduler", "inverter", "data", "logger")
@@ -29,7 +30,7 @@ def test_every_config_file_composes(override):
     group = override.split("=")[0].lstrip("+")
     if group in GROUPS:
         assert container[group]["name" if group != "data" else "path"] is not None
-    if not override.startswith(("model=local", "data=folder")):
+    if not override.startswith(("model=local", "data=folder", "data=pie", "+experiment=inverters")):
         validate(cfg)
 
 
@@ -53,7 +54,11 @@ def test_defaults_are_the_offline_digits_setup():
         (["num_steps=0"], "num_steps=0"),
         (["task=edit"], "edit_prompt"),
         (["task=painting"], "task='painting'"),
-        (["inverter=course", "start_step=48"], "course inverter"),
+        (["inverter=course", "start_step=48"], "inverter=course keeps N-2 latents"),
+        (["inverter=course", "num_steps=2"], "num_steps=2 must be at least 3"),
+        (["data=folder"], "data.path is required"),
+        (["model=local"], "model.path is required"),
+        (["metrics.lpips_net=resnet"], "metrics.lpips_net='resnet'"),
         (["eta=-1"], "eta=-1"),
         (["task=sample", "guidance_scale=[1,2]"], "one guidance_scale"),
     ],
@@ -83,3 +88,77 @@ def test_sweepable_keys_are_top_level():
     )
     assert (cfg.num_steps, list(cfg.guidance_scale), cfg.inversion.guidance_scale) == (20, [1, 7.5], 0)
     assert (list(cfg.start_step), cfg.prompt, cfg.edit_prompt, cfg.seed) == ([0, 5], "x", "y", 3)
+
+
+def test_the_schema_types_every_key():
+    assert OmegaConf.get_type(_compose([])) is LabConfig
+    cfg = _compose(["eta=0.5", "num_steps=7"])
+    assert isinstance(cfg.eta, float) and cfg.num_steps == 7
+
+
+@pytest.mark.parametrize("override", ["num_step=10", "eta=abc", "runtime.dtyp=fp16", "seed=x"])
+def test_misspelled_keys_and_wrong_types_fail_while_composing(override):
+    with pytest.raises(Exception) as err:  # Hydra's ConfigCompositionException
+        _compose([override])
+    assert (
+        override.lstrip("+").split("=")[0] in str(err.value) or "abc" in str(err.value) or "x" in str(err.value)
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["num_step=10"], ["num_step", "misspelled"]),
+        (["eta=abc"], ["eta=abc", "Float"]),
+        (["model=sd51"], ["model=sd51", "digits", "sd15", "tiny"]),
+        (["-m", "num_steps=3,4", "eta=0,abc"], ["eta=abc"]),  # every sweep value is composed once
+        (["hydra/launcher=nope"], ["hydra/launcher=nope", "submitit_local", "joblib", "slurm"]),
+    ],
+)
+def test_precheck_gives_one_line(argv, words):
+    line = precheck(argv)
+    assert line is not None and "\n" not in line
+    for word in words:
+        assert word in line
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["-m", "num_steps=3,4", "inverter=ddim,course"], ["--help"], ["hydra/launcher=submitit_local"]]
+)
+def test_precheck_accepts_valid_commands(argv):
+    assert precheck(argv) is None
+
+
+def test_missing_device_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="CUDA is not available") as err:
+        validate(_compose(["runtime.device=cuda"]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not a device"):
+        check_device("gpu7")
+    check_device("cpu")
+
+
+def test_checkout_uses_the_top_level_conf():
+    assert config_dir() == CONF
+
+
+def test_launcher_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        slurm = compose(
+            "config", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+        )
+        joblib = compose("config", ["hydra/launcher=joblib"], return_hydra_config=True)
+        local = compose("config", ["hydra/launcher=submitit_local"], return_hydra_config=True)
+    launcher = slurm.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert (launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1)
+    assert launcher.timeout_min > 0 and launcher.array_parallelism > 0
+    assert joblib.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert local.hydra.launcher._target_.endswith("LocalLauncher")
+    assert slurm.hydra.callbacks.ddim_lab._target_ == "ddim_lab.sweep.SweepCallback"

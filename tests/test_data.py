@@ -343,3 +343,55 @@ def test_export_digits(tmp_path):
     expected = digits.to_rgb(second_five[None], 8)[0]
     assert torch.allclose(items["digit5_1.png"].image, expected, atol=0.5 / 255 + 1e-6)
     assert not torch.allclose(items["digit5_0.png"].image, expected, atol=0.05)
+
+
+def _resize_then_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """The former policy: resize the whole image, then crop the centre square."""
+    width, height = img.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+@pytest.mark.parametrize(
+    "size, resolution", [((80, 40), 40), ((64, 32), 16), ((37, 53), 24), ((300, 200), 512)]
+)
+def test_normal_images_keep_their_pixels(tmp_path, size, resolution):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img.save(tmp_path / "x.png")
+    expected = np.asarray(_resize_then_crop(img, resolution), dtype=np.float32) / 255
+    got = load_image(tmp_path / "x.png", resolution).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, expected)
+
+
+def test_very_long_image_is_cropped_before_resizing(tmp_path):
+    import time
+
+    Image.new("RGB", (3000, 2), RED).save(tmp_path / "strip.png")
+    start = time.perf_counter()
+    image = load_image(tmp_path / "strip.png", 512)  # resizing the whole strip first: 768000 × 512 px
+    assert time.perf_counter() - start < 1.0
+    check_tensor(image, 512)
+    assert_colour(image, 256, 256, RED)
+
+
+def test_elongated_image_crop_first_is_close_to_resize_first(tmp_path):
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (30, 200, 3), dtype=np.uint8))
+    img.save(tmp_path / "wide.png")
+    expected = np.asarray(_resize_then_crop(img, 24), dtype=np.float32) / 255
+    got = load_image(tmp_path / "wide.png", 24).permute(1, 2, 0).numpy()
+    assert np.abs(got - expected).mean() < 1 / 255  # same filter and sample positions (float rounding aside)
+
+
+def test_folder_without_captions_says_which_prompt_is_used(tmp_path, caplog):
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), BLUE).save(tmp_path / "b.png")
+    with caplog.at_level(logging.INFO, logger="ddim_lab.data"):
+        items = load_dataset(tmp_path, 8, "a photo")
+    notes = [r.getMessage() for r in caplog.records if "captions.csv" in r.getMessage()]
+    assert len(notes) == 1 and "prompt='a photo'" in notes[0]
+    assert [it.prompt for it in items] == ["a photo", "a photo"]

@@ -29,9 +29,11 @@ def _latents(model, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-def test_sampling_matches_stable_diffusion_pipeline(tiny, guidance, spacing):
+def test_sampling_matches_stable_diffusion_pipeline(tiny, guidance, spacing, monkeypatch):
     pipe = tiny.pipe
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    monkeypatch.setattr(
+        pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    )  # the model is shared: restored after the test
     x = _latents(tiny)
     ref = pipe(
         PROMPT,
@@ -47,9 +49,11 @@ def test_sampling_matches_stable_diffusion_pipeline(tiny, guidance, spacing):
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_stochastic_sampling_matches_pipeline_with_same_generator(tiny):
+def test_stochastic_sampling_matches_pipeline_with_same_generator(tiny, monkeypatch):
     pipe = tiny.pipe
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    monkeypatch.setattr(
+        pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config)
+    )  # the model is shared: restored after the test
     x = _latents(tiny)
     ref = pipe(
         PROMPT,
@@ -68,10 +72,12 @@ def test_stochastic_sampling_matches_pipeline_with_same_generator(tiny):
     assert (ours - deterministic).abs().max() > 1e-2  # the seed's noise really entered
 
 
-def test_v_prediction_sampling_matches_pipeline(tiny_v):
+def test_v_prediction_sampling_matches_pipeline(tiny_v, monkeypatch):
     assert tiny_v.prediction_type == "v_prediction"
     pipe = tiny_v.pipe
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    monkeypatch.setattr(
+        pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config)
+    )  # the model is shared: restored after the test
     x = _latents(tiny_v)
     ref = pipe(
         PROMPT, latents=x.clone(), num_inference_steps=10, guidance_scale=2.5, output_type="latent"

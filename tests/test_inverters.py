@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,11 +81,13 @@ def test_plan_and_denoiser_read_the_same_scheduler(tiny, override, check):
 ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
-def test_zero_terminal_snr_sampling_is_finite_and_matches_diffusers(tiny_v):
+def test_zero_terminal_snr_sampling_is_finite_and_matches_diffusers(tiny_v, monkeypatch):
     pipe = tiny_v.pipe
     scheduler = tiny_v.scheduler(**ZERO_SNR)
     assert float(scheduler.alphas_cumprod[-1]) == 0.0
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ZERO_SNR)
+    monkeypatch.setattr(
+        pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config, **ZERO_SNR)
+    )  # the model is shared: restored after the test
     unet = pipe.unet.config
     x = torch.randn(
         1, unet.in_channels, unet.sample_size, unet.sample_size, generator=torch.Generator().manual_seed(0)
@@ -342,3 +345,37 @@ def test_the_readme_example_method_runs_through_the_engine(digits, monkeypatch):
     assert runner.denoiser.unet_evals == runner.minimum.forwards
     assert runner.inverter.key() == {"method": "halfway"}  # blend only changes sampling
     assert all(r["psnr"] > 20 for r in rows)
+
+
+def test_every_method_runs_from_the_command_line_and_the_report_puts_them_side_by_side(tmp_path):
+    """The issue's "done when": ``ddim-lab -m inverter=...`` on the digits model, then ``ddim-lab-report``."""
+    from tests.test_cli import ddim_lab
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("digit3_0.png", "digit7_0.png"):
+        (data / name).write_bytes((DIGITS / name).read_bytes())
+    sweep = tmp_path / "sweep"
+    done = ddim_lab(
+        [
+            "-m",
+            f"inverter={','.join(ALL)}",
+            "num_steps=4",
+            "guidance_scale=[1,3]",
+            "inversion.guidance_scale=match",
+            f"data.path={data}",
+            "prompt=a handwritten digit",
+            "metrics.lpips=off",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = ddim_lab([str(sweep)], tmp_path, module="ddim_lab.report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (sweep / "report.md").read_text()
+    for name in ALL:
+        assert f"| {name} |" in table
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/run.json")]
+    assert sorted(r["inverter"] for r in runs) == ALL
+    assert all(r["unet_evals"] == r["minimum_unet_evals"] for r in runs)

@@ -81,8 +81,8 @@ def test_offline_run_writes_wandb_file_quietly(tmp_path, capfd):
     files = list(runs[0].glob("run-*.wandb"))
     assert len(files) == 1
     data = _wait_for_records(files[0], b"reconstruction-grid-caption")
-    for marker in (b"psnr", b"23.25", b"results", b"reconstruction-grid-caption", b"job-0", b"sweep-1"):
-        assert marker in data, marker  # the rows, table, image and run names reached the run's log
+    for marker in (b"psnr", b"22.375", b"results", b"reconstruction-grid-caption", b"job-0", b"sweep-1"):
+        assert marker in data, marker  # summary mean, table, image, run names
     out, err = capfd.readouterr()
     assert out == "" and "wandb:" not in err  # silent: no banner or run summary on the console
 
@@ -115,3 +115,34 @@ def test_disabled_mode_is_a_no_op(tmp_path):
         lg.log_rows(_results())
         lg.log_image(grid, "caption")
     assert not (tmp_path / "wandb").exists()
+
+
+class _FakeRun:
+    def __init__(self):
+        self.logged: list[dict] = []
+        self.summary: dict = {}
+
+    def log(self, data: dict) -> None:
+        self.logged.append(data)
+
+
+def test_results_are_one_table_and_summary_means_not_one_step_per_row():
+    import wandb
+
+    from ddim_lab.loggers import WandbLogger
+
+    run = _FakeRun()
+    WandbLogger(run).log_rows(_results())
+    assert len(run.logged) == 1 and set(run.logged[0]) == {"results"}
+    assert isinstance(run.logged[0]["results"], wandb.Table) and len(run.logged[0]["results"].data) == 2
+    assert run.summary["mean/psnr"] == pytest.approx(22.375)
+    assert run.summary["mean/lpips"] == pytest.approx(0.125)  # NaN rows left out
+    assert run.summary["rows"] == 2 and "mean/image" not in run.summary
+
+
+def test_sweep_group_is_the_full_sweep_path(tmp_path):
+    from ddim_lab.cli import wandb_group
+
+    a = wandb_group(str(tmp_path / "2026-11-27" / "10-00-00"))
+    b = wandb_group(str(tmp_path / "2026-11-28" / "10-00-00"))
+    assert a != b and a.endswith("2026-11-27/10-00-00") and a.startswith("/")

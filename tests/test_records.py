@@ -14,7 +14,8 @@ from ddim_lab.records import COLUMNS, GRID_PAD, save_grid, write_results
 SPEC = (
     "image, prompt, edit_prompt, negative_prompt, task, model, scheduler, inverter, num_steps, "
     "inversion_guidance_scale, guidance_scale, start_step, eta, seed, dtype, psnr, ssim, lpips, lpips_net, "
-    "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_unet_evals, inversion_cached, seconds"
+    "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_unet_evals, inversion_unet_backwards, "
+    "inversion_cached, sample_seed, seconds, peak_memory_mb"
 )
 
 
@@ -141,3 +142,24 @@ def test_grid_clamps_out_of_range_values(tmp_path):
     path = records.save_grid(tmp_path / "c.png", [("x", imgs)], ["r"], min_cell=8)
     arr = np.asarray(Image.open(path).convert("RGB"))
     assert arr.min() == 0 and arr.max() == 255
+
+
+def test_parts_are_merged_in_order_and_equal_one_table(tmp_path):
+    rows = [_row(i) for i in range(5)]
+    write_results(rows, tmp_path / "whole")
+    whole = pd.read_parquet(tmp_path / "whole" / records.RESULTS_PARQUET)
+    run = tmp_path / "parts"
+    records.write_part(rows[3:], run, "g00001")  # written out of order (another rank, or a resume)
+    records.write_part(rows[:3], run, "g00000")
+    assert records.part_names(run) == {"g00000", "g00001"}
+    pd.testing.assert_frame_equal(records.read_results(run), whole)  # readable before the merge
+    records.merge_parts(run)
+    pd.testing.assert_frame_equal(pd.read_parquet(run / records.RESULTS_PARQUET), whole)
+    assert len(pd.read_csv(run / records.RESULTS_CSV)) == 5
+    assert not [p for p in (run / records.PARTS_DIR).iterdir() if p.suffix != ".parquet"]  # no temp files
+
+
+def test_read_results_without_parts_reads_the_table(tmp_path):
+    assert records.read_results(tmp_path) is None
+    write_results([_row(0)], tmp_path)
+    assert len(records.read_results(tmp_path)) == 1

@@ -147,3 +147,62 @@ def test_figures_read_saved_tables(multirun, tmp_path):
     df["num_steps"] = 10  # nothing varies any more in the saved table
     df.to_parquet(tmp_path / "report.parquet")
     assert make_figures(tmp_path) == []
+
+
+def test_report_lists_failed_and_missing_jobs_and_reads_unfinished_parts(tmp_path):
+    import json
+
+    from ddim_lab.records import write_part
+    from ddim_lab.sweep import SWEEP_JSON, claim, mark_done, record_failure
+
+    root = tmp_path / "sweep"
+    jobs = [{"num": i, "dir": str(i), "overrides": [f"num_steps={10 * (i + 1)}"]} for i in range(4)]
+    root.mkdir()
+    (root / SWEEP_JSON).write_text(json.dumps({"jobs": jobs}))
+    claim(root / "0", "h0", jobs[0]["overrides"])
+    write_results(_rows(10, [20.0], [0.1]), root / "0")
+    mark_done(root / "0", "h0")
+    record_failure(root / "1", MemoryError("CUDA out of memory"), None, jobs[1]["overrides"])
+    claim(root / "2", "h2", jobs[2]["overrides"])  # killed after its first image group
+    write_part(_rows(30, [25.0], [0.2]), root / "2", "g00000")
+    # job 3 never started
+    df = write_report(root, root)
+    assert sorted(df.run_dir.unique()) == ["0", "2"] and len(df) == 2
+    text = (root / "report.md").read_text()
+    assert "Failed or missing jobs (3)" in text
+    assert "job 1 [num_steps=20] failed: MemoryError: CUDA out of memory" in text
+    assert "job 2 [num_steps=30] unfinished" in text and "job 3 [num_steps=40] missing" in text
+
+
+def test_report_never_pools_dtypes_seeds_or_prompts(tmp_path):
+    """`ddim-lab -m runtime.dtype=fp32,bf16` used to give one pooled row: the schema's config keys split it."""
+    root = tmp_path / "m"
+    for j, (dtype, seed) in enumerate((("fp32", 0), ("bf16", 0), ("fp32", 1))):
+        rows = [{**r, "dtype": dtype, "seed": seed} for r in _rows(10, [20.0 + j, 21.0 + j], [0.1, 0.2])]
+        write_results(rows, root / str(j))
+    df = write_report(root, root)
+    assert varying_columns(df) == ["seed", "dtype"]
+    table = _md_rows((root / "report.md").read_text())
+    assert len(table) == 3 and all(r["n"] == "2" for r in table)
+
+
+def test_cli_intervals_paired_html_and_protocol_line(tmp_path, caplog):
+    root = tmp_path / "m"
+    for j, inverter in enumerate(("ddim", "null_text")):
+        rows = [{**r, "inverter": inverter} for r in _rows(10, [20.0 + j, 22.0 + j, 25.0 + j], [0.1, 0.2, 0.3])]
+        write_results(rows, root / inverter)
+    args = [str(root), "--html", "--figures", "--resamples", "100", "--seed", "3", "--ci-method", "bca"]
+    assert main(args) == 0
+    text = (root / "report.md").read_text()
+    assert "## Means with bootstrap intervals" in text and "100 resamples, seed 3" in text
+    assert "## Paired comparisons of `inverter`" in text and "null_text − ddim" in text
+    for name in ("intervals.csv", "intervals.tex", "paired.csv", "paired.tex", "report.html"):
+        assert (root / name).is_file(), name
+    paired = pd.read_csv(root / "paired.csv")
+    assert paired.loc[paired.metric == "psnr", "diff_mean"].tolist() == [pytest.approx(1.0)]
+    # rows of two protocols: grouped apart, never paired across, and the report says why in one line
+    write_results([{**r, "protocol": "p2"} for r in _rows(10, [30.0], [0.1])], root / "other")
+    assert main([str(root), "--resamples", "50"]) == 0
+    lines = [ln for ln in (root / "report.md").read_text().splitlines() if "protocols" in ln]
+    assert len(lines) == 1 and "not comparable" in lines[0]
+    assert main([str(root), "--baseline", "edict"]) == 2 and "not a value of 'inverter'" in caplog.text

@@ -117,6 +117,9 @@ class LatentModel:
     dtype: torch.dtype
     revision: str = ""  # hub commit, or a fingerprint of the weight files (part of the inversion cache key)
     _embeds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    controlnet: Any = None  # a diffusers ControlNetModel (attach_controlnet); the denoiser adds its residuals
+    controlnet_scale: float = 1.0
+    controlnet_revision: str = ""  # fingerprint of the ControlNet weights (part of the inversion cache key)
 
     @property
     def scaling_factor(self) -> float:
@@ -162,7 +165,13 @@ class LatentModel:
         """The UNet as a denoiser on ``scheduler``'s ᾱ and prediction type — pass the scheduler the plan was
         built from (default: the model's own, no overrides)."""
         scheduler = scheduler if scheduler is not None else self.scheduler()
-        return UNetDenoiser(self.pipe.unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+        return UNetDenoiser(
+            self.pipe.unet,
+            scheduler.alphas_cumprod,
+            scheduler.config.prediction_type,
+            controlnet=self.controlnet,
+            controlnet_scale=self.controlnet_scale,
+        )
 
 
 def load_model(
@@ -242,3 +251,120 @@ def _apply_knobs(pipe: StableDiffusionPipeline, runtime: Mapping[str, Any], devi
         pipe.to(device)
     if runtime.get("compile", False):
         pipe.unet = torch.compile(pipe.unet)
+
+
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
+def load_scheduler_config(spec: Mapping[str, Any], cache_dir: str | os.PathLike = ".cache") -> dict[str, Any]:
+    """Only the scheduler config of a model (no weights): for a hub model just ``scheduler_config.json``
+    (looked up in the local cache, downloaded alone when missing and the hub is reachable); a ``build`` model's
+    config comes from its recipe without building it."""
+    import json
+
+    spec = _plain_dict(spec)
+    source = spec["source"]
+    if source == "build":
+        from ddim_lab.models.build import SD_SCHEDULER
+
+        return {**SD_SCHEDULER, **dict((spec.get("arch") or {}).get("scheduler") or {})}
+    if source == "hub":
+        path = _hub_scheduler_file(spec["id"], spec.get("revision"))
+    else:
+        path = model_dir(spec, cache_dir) / SCHEDULER_CONFIG
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(
+            f"cannot read the scheduler config of model {spec['name']} ({path}): {err}"
+        ) from err
+
+
+def _hub_scheduler_file(model_id: str, revision: str | None) -> Path:
+    """``scheduler/scheduler_config.json`` of a hub model, from the cache or (that file only) the hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            model_id, revision=revision, allow_patterns=[SCHEDULER_CONFIG], local_files_only=True
+        )
+        if (Path(folder) / SCHEDULER_CONFIG).is_file():
+            return Path(folder) / SCHEDULER_CONFIG
+        local_error: Exception = FileNotFoundError(SCHEDULER_CONFIG)
+    except Exception as err:  # any lookup failure means: not in the local cache
+        local_error = err
+    how = (
+        f"The scheduler config of '{model_id}' ({SCHEDULER_CONFIG}) is not in the local Hugging Face cache and"
+        f" {{why}}. Get it with `huggingface-cli download {model_id} {SCHEDULER_CONFIG}` on a machine with"
+        " network (or `ddim-lab-prefetch model=...`)."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelUnavailable(how.format(why="HF_HUB_OFFLINE is set")) from local_error
+    if not _hub_reachable():
+        raise ModelUnavailable(how.format(why="the hub cannot be reached (no network)")) from local_error
+    log.info("downloading %s of %s from the hub", SCHEDULER_CONFIG, model_id)
+    folder = snapshot_download(model_id, revision=revision, allow_patterns=[SCHEDULER_CONFIG])
+    return Path(folder) / SCHEDULER_CONFIG
+
+
+# -- ControlNet models ---------------------------------------------------------------------------------------
+def shipped_controlnet_dir() -> Path:
+    """The digits ControlNet inside the installed package."""
+    return Path(str(resources.files("ddim_lab") / "assets" / "digits-controlnet"))
+
+
+def controlnet_dir(spec: Mapping[str, Any]) -> Path:
+    """Where a ``controlnet`` config's diffusers directory is, per its ``source`` (hub, local, digits)."""
+    source = spec["source"]
+    if source == "hub":
+        try:
+            return _hub_dir(spec["id"], spec.get("revision"))
+        except ModelUnavailable as err:  # same message, pointing at the controlnet group
+            text = (
+                str(err)
+                .replace("Model '", "ControlNet '")
+                .replace("model=local model.path", "controlnet=local controlnet.path")
+            )
+            raise ModelUnavailable(text) from err
+    if source == "local":
+        path = Path(spec.get("path") or "")
+        if not spec.get("path") or not (path / "config.json").exists():
+            raise ModelUnavailable(
+                f"controlnet.path={spec.get('path')!r} is not a diffusers ControlNet directory (no config.json)"
+            )
+        return path
+    if source == "digits":
+        path = shipped_controlnet_dir()
+        if not (path / "config.json").exists():
+            raise ModelUnavailable(f"the shipped digits ControlNet is missing from {path}; reinstall ddim_lab")
+        return path
+    raise ValueError(f"unknown controlnet source {source!r} (none, hub, local, digits)")
+
+
+def load_controlnet(
+    spec: Mapping[str, Any], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[Any, str]:
+    """``ControlNetModel.from_pretrained`` of a ``controlnet`` config → (model in eval mode, fingerprint)."""
+    from diffusers import ControlNetModel
+
+    spec = _plain_dict(spec)
+    path = controlnet_dir(spec)
+    log.info("loading ControlNet %s from %s (%s, %s)", spec["name"], path, device, dtype)
+    try:
+        net = ControlNetModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(f"could not load ControlNet {spec['name']} from {path}: {err}") from err
+    net.requires_grad_(False)
+    return net.to(device).eval(), fingerprint(path)
+
+
+def attach_controlnet(model: LatentModel, spec: Mapping[str, Any] | None) -> LatentModel:
+    """Load the ControlNet a ``controlnet`` config names (``none`` → nothing) into ``model``, in the UNet's
+    dtype and on its device, with its ``scale``; ``model.denoiser()`` then adds its residuals."""
+    spec = _plain_dict(spec or {"source": "none"})
+    if spec.get("source", "none") == "none":
+        model.controlnet, model.controlnet_revision = None, ""
+        return model
+    model.controlnet, model.controlnet_revision = load_controlnet(spec, model.pipe.unet.dtype, model.device)
+    model.controlnet_scale = float(spec.get("scale", 1.0))
+    return model

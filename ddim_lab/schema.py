@@ -1,0 +1,273 @@
+"""One definition of the result-row schema: every column with its role and dtype.
+
+Proposal, ready to move into ``records.py``: ``COLUMNS`` and the FLOAT/INT/BOOL column lists of ``records``
+and the report's grouping keys are all derived from :data:`SCHEMA`, so a new column is declared once.
+
+Roles:
+
+- ``config``: a setting of the run. Rows whose config keys differ are never averaged together.
+- ``metric``: a measurement (quality, cost, time); averaged within a group.
+- ``bookkeeping``: identifies or describes a row (image id, cache flag, per-trajectory seed, run directory);
+  neither a grouping key nor averaged.
+
+A config column whose value is fixed by the image (every image has one value, e.g. per-image captions or
+PIE-Bench's per-image editing prompt) is an *image attribute*: it varies only because the images do, so it does
+not split groups (:func:`grouping_keys`). When the same image appears with two values, it is a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+CONFIG = "config"
+METRIC = "metric"
+BOOKKEEPING = "bookkeeping"
+ROLES = (CONFIG, METRIC, BOOKKEEPING)
+
+STR, FLOAT, INT, BOOL = "object", "float64", "Int64", "boolean"
+
+PROTOCOL = "protocol"
+IMAGE = "image"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One result column: its name, role, pandas dtype, unit (for tables and figures) and meaning.
+
+    ``core``: written by every reconstruct/edit row today (``records.COLUMNS``); optional columns (the PIE-Bench
+    protocol, edit success, ControlNet settings, the report's ``run_dir``) have a role and dtype but only exist
+    when a task writes them.
+    """
+
+    name: str
+    role: str
+    dtype: str
+    doc: str = ""
+    unit: str = ""
+    core: bool = True
+    lower_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"column {self.name!r}: unknown role {self.role!r}")
+        if self.dtype not in (STR, FLOAT, INT, BOOL):
+            raise ValueError(f"column {self.name!r}: unknown dtype {self.dtype!r}")
+
+
+SCHEMA: tuple[Column, ...] = (
+    Column(IMAGE, BOOKKEEPING, STR, "image path relative to data.path (the unit that paired tests pair on)"),
+    Column("prompt", CONFIG, STR, "source prompt"),
+    Column("edit_prompt", CONFIG, STR, "target prompt; empty/null = reconstruction"),
+    Column("negative_prompt", CONFIG, STR, "negative prompt"),
+    Column("task", CONFIG, STR),
+    Column("model", CONFIG, STR),
+    Column("scheduler", CONFIG, STR),
+    Column("inverter", CONFIG, STR),
+    Column("num_steps", CONFIG, INT, "DDIM steps N", "steps"),
+    Column("inversion_guidance_scale", CONFIG, FLOAT),
+    Column("guidance_scale", CONFIG, FLOAT),
+    Column("start_step", CONFIG, INT, "sampling start step k", "steps"),
+    Column("eta", CONFIG, FLOAT),
+    Column("seed", CONFIG, INT),
+    Column("dtype", CONFIG, STR),
+    Column("psnr", METRIC, FLOAT, "result vs input", "dB"),
+    Column("ssim", METRIC, FLOAT, "result vs input", "[0, 1]"),
+    Column("lpips", METRIC, FLOAT, "result vs input", "LPIPS distance", lower_is_better=True),
+    Column("lpips_net", CONFIG, STR, "LPIPS backbone: numbers from different backbones are not comparable"),
+    Column("latent_mse", METRIC, FLOAT, "result latent vs encoded input", "MSE", lower_is_better=True),
+    Column("vae_psnr", METRIC, FLOAT, "VAE ceiling (encode→decode)", "dB"),
+    Column("vae_lpips", METRIC, FLOAT, "VAE ceiling (encode→decode)", "LPIPS distance", lower_is_better=True),
+    Column("unet_evals", METRIC, INT, "sampling UNet evaluations", "UNet evals", lower_is_better=True),
+    Column("inversion_unet_evals", METRIC, INT, "inversion forwards spent", "UNet evals", lower_is_better=True),
+    Column(
+        "inversion_unet_backwards", METRIC, INT, "inversion backwards spent", "backwards", lower_is_better=True
+    ),
+    Column("inversion_cached", BOOKKEEPING, BOOL, "inversion came from the cache"),
+    Column("sample_seed", BOOKKEEPING, INT, "per-trajectory seed when eta > 0 (derived from seed)"),
+    Column("seconds", METRIC, FLOAT, "wall time per row", "s", lower_is_better=True),
+    Column("peak_memory_mb", METRIC, FLOAT, "peak memory so far", "MB", lower_is_better=True),
+    # optional columns: written by some tasks only
+    Column(
+        PROTOCOL, CONFIG, STR, "benchmark protocol id: rows of different protocols are never pooled", core=False
+    ),
+    Column("edit_success", METRIC, FLOAT, "edit judged successful (0/1 or a rate)", "rate", core=False),
+    # editing metrics on annotated (PIE-Bench-format) data, ddim_lab/edit_metrics.py
+    Column("psnr_unedited", METRIC, FLOAT, "PSNR on the unedited region (mask inverted)", "dB", core=False),
+    Column("ssim_unedited", METRIC, FLOAT, "SSIM on the unedited region", "[0, 1]", core=False),
+    Column(
+        "lpips_unedited",
+        METRIC,
+        FLOAT,
+        "LPIPS on the unedited region",
+        "LPIPS distance",
+        core=False,
+        lower_is_better=True,
+    ),
+    Column(
+        "mse_unedited", METRIC, FLOAT, "MSE on the unedited region", "MSE", core=False, lower_is_better=True
+    ),
+    Column(
+        "clip_whole",
+        METRIC,
+        FLOAT,
+        "CLIP similarity to the target prompt, whole image",
+        "CLIP score",
+        core=False,
+    ),
+    Column(
+        "clip_edited",
+        METRIC,
+        FLOAT,
+        "CLIP similarity to the target prompt, edited region",
+        "CLIP score",
+        core=False,
+    ),
+    Column(
+        "structure_distance",
+        METRIC,
+        FLOAT,
+        "DINO self-similarity distance to the input",
+        "distance",
+        core=False,
+        lower_is_better=True,
+    ),
+    Column("control", CONFIG, STR, "control signal", core=False),
+    Column("control_knobs", CONFIG, STR, core=False),
+    Column("controlnet", CONFIG, STR, core=False),
+    Column("controlnet_scale", CONFIG, FLOAT, core=False),
+    Column("control_guidance_start", CONFIG, FLOAT, core=False),
+    Column("control_guidance_end", CONFIG, FLOAT, core=False),
+    Column(
+        "run_dir",
+        BOOKKEEPING,
+        STR,
+        "run directory relative to the report root (added by the report)",
+        core=False,
+    ),
+)
+
+BY_NAME: dict[str, Column] = {c.name: c for c in SCHEMA}
+
+# what records.py would derive (COLUMNS keeps today's order)
+COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core)
+FLOAT_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == FLOAT)
+INT_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == INT)
+BOOL_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == BOOL)
+CONFIG_KEYS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.role == CONFIG)
+METRICS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.role == METRIC)
+
+
+def role_of(name: str, series: pd.Series | None = None) -> str:
+    """The role of a column; a column not in the schema is a metric when it is float, else a config key
+    (conservative: an unknown setting splits groups rather than being averaged over)."""
+    if name in BY_NAME:
+        return BY_NAME[name].role
+    if series is not None and pd.api.types.is_float_dtype(series.dtype):
+        return METRIC
+    return CONFIG
+
+
+def unknown_columns(df: pd.DataFrame) -> list[str]:
+    """Columns of ``df`` that the schema does not declare."""
+    return [c for c in df.columns if c not in BY_NAME]
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """Config keys present in ``df``: the schema's in schema order, then undeclared non-float columns."""
+    known = [c for c in CONFIG_KEYS if c in df.columns]
+    return known + [c for c in unknown_columns(df) if role_of(c, df[c]) == CONFIG]
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Metrics present in ``df`` with at least one value: the schema's, then undeclared float columns."""
+    names = [c for c in METRICS if c in df.columns]
+    names += [c for c in unknown_columns(df) if role_of(c, df[c]) == METRIC]
+    return [m for m in names if pd.to_numeric(df[m], errors="coerce").notna().any()]
+
+
+def _nunique(series: pd.Series) -> int:
+    try:
+        return series.nunique(dropna=False)
+    except TypeError:  # unhashable cells (lists): compare their text
+        return series.astype(str).nunique(dropna=False)
+
+
+def image_attributes(df: pd.DataFrame, columns: list[str], ignore_missing: bool = False) -> list[str]:
+    """Of ``columns``, those that vary across ``df`` but hold one value per image (fixed by the image);
+    ``ignore_missing``: one value per image besides missing ones."""
+    if IMAGE not in df.columns or df[IMAGE].nunique(dropna=False) < 2:
+        return []
+    images = df[IMAGE].astype(str)
+    out = []
+    for c in columns:
+        values = df[c] if df[c].dtype != object else df[c].map(lambda v: v if v is None else str(v))
+        per_image = values.groupby(images, dropna=False, sort=False).nunique(dropna=ignore_missing)
+        if int(per_image.max()) <= 1:
+            out.append(c)
+    return out
+
+
+PER_IMAGE = "(per image)"
+
+
+def grouping_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str], list[str]]:
+    """(frame, keys, image attributes, per-image keys) for grouping ``df`` (after :func:`normalize`).
+
+    keys: the config columns that vary across ``df`` and split groups. Image attributes: varying config columns
+    with one value per image, which vary only with the images and do not split groups. A column with one value
+    per image *besides missing* ones, several across images (PIE-Bench's per-image edit prompt beside
+    reconstruction rows), is a per-image key with two values: missing, and ``(per image)`` (so in the returned
+    frame).
+    ``protocol`` is always a key when it varies: protocols are never pooled."""
+    df = normalize(df)
+    varying = [c for c in config_columns(df) if _nunique(df[c]) > 1]
+    attributes = [c for c in image_attributes(df, varying) if c != PROTOCOL]
+    keys = [c for c in varying if c not in attributes]
+    partial = [
+        c
+        for c in image_attributes(df, keys, ignore_missing=True)
+        if c != PROTOCOL and df[c].dropna().astype(str).nunique() > 1
+    ]
+    if partial:
+        df = df.copy()
+        for c in partial:
+            df[c] = df[c].astype(object).where(df[c].isna(), PER_IMAGE)
+    return df, keys, attributes, partial
+
+
+def grouping_keys(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(keys, image attributes) of :func:`grouping_frame`."""
+    _, keys, attributes, _ = grouping_frame(df)
+    return keys, attributes
+
+
+def label(name: str) -> str:
+    """A column's axis/table label with its unit, e.g. ``psnr (dB)``."""
+    col = BY_NAME.get(name)
+    return f"{name} ({col.unit})" if col is not None and col.unit else name
+
+
+def protocol_problem(df: pd.DataFrame) -> str | None:
+    """One line when ``df`` mixes protocols (their numbers must not be averaged together), else None."""
+    if PROTOCOL not in df.columns or _nunique(df[PROTOCOL]) < 2:
+        return None
+    values = sorted("(none)" if pd.isna(v) else str(v) for v in df[PROTOCOL].drop_duplicates().tolist())
+    return (
+        f"rows come from {len(values)} protocols ({', '.join(values)}): numbers from different protocols are "
+        "not comparable, so the report groups by protocol and never averages or pairs rows across them"
+    )
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with an empty ``edit_prompt`` made missing: reconstruction rows store null today (the README says
+    empty), and the two spellings must be one group. Returns ``df`` itself when there is nothing to change."""
+    if "edit_prompt" not in df.columns:
+        return df
+    empty = df["edit_prompt"].astype(object).eq("").fillna(False).astype(bool)
+    if not empty.any():
+        return df
+    df = df.copy()
+    df["edit_prompt"] = df["edit_prompt"].astype(object).mask(empty, None)
+    return df
