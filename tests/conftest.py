@@ -55,3 +55,23 @@ def digits(cache_dir):
     from ddim_lab.models.loading import load_model
 
     return load_model(model_spec("digits"), {"device": "cpu"}, cache_dir)
+
+
+DIGITS = ROOT / "ddim_lab" / "assets" / "digits-heldout"
+
+
+def lab_config(*overrides: str, model: str = "tiny", steps: int = 8, cache: Path | None = None):
+    """The lab's config composed as the CLI composes it, for tests: CPU, no LPIPS, no progress bars;
+    ``cache=None`` disables the inversion cache."""
+    from ddim_lab.config import compose_config
+
+    base = [
+        f"model={model}",
+        f"num_steps={steps}",
+        "metrics.lpips=off",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        f"cache.enabled={cache is not None}",
+        f"cache.dir='{cache or 'unused'}'",
+    ]
+    return compose_config([*base, *overrides])

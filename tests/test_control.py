@@ -27,6 +27,7 @@ from ddim_lab.data import Item, load_dataset
 from ddim_lab.denoiser import UNetDenoiser
 from ddim_lab.experiment import Runner
 from ddim_lab.models.loading import ModelUnavailable, attach_controlnet, load_model, model_dir
+from tests.conftest import lab_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "ddim_lab" / "assets" / "digits-heldout"
@@ -54,16 +55,7 @@ def items(tiny) -> list[Item]:
 
 
 def make_cfg(cache: Path, *overrides: str) -> DictConfig:
-    base = [
-        "model=tiny",
-        f"num_steps={STEPS}",
-        "metrics.lpips=off",
-        "runtime.device=cpu",
-        "runtime.progress=false",
-        "cache.enabled=false",
-        f"cache.dir='{cache}'",
-    ]
-    return compose_config([*base, *overrides])
+    return lab_config(*overrides, steps=STEPS)  # cache off
 
 
 # -- control signals -------------------------------------------------------------------------------------

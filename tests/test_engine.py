@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from ddim_lab.cache import InversionCache
-from ddim_lab.config import compose_config
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.experiment import Runner, reconstruct_or_edit
 from ddim_lab.loggers import LocalLogger
 from ddim_lab.models.loading import fingerprint, load_model
+from tests.conftest import lab_config
 
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
 STEPS = 8
@@ -34,16 +34,7 @@ STEPS = 8
 
 def make_cfg(cache: Path | None, *overrides: str) -> DictConfig:
     """The lab's config composed like the CLI would, for the tiny model; ``cache=None`` disables the cache."""
-    base = [
-        "model=tiny",
-        f"num_steps={STEPS}",
-        "metrics.lpips=off",
-        "runtime.device=cpu",
-        "runtime.progress=false",
-        f"cache.enabled={cache is not None}",
-        f"cache.dir='{cache or 'unused'}'",
-    ]
-    return compose_config([*base, *overrides])
+    return lab_config(*overrides, steps=STEPS, cache=cache)
 
 
 @pytest.fixture(scope="module")

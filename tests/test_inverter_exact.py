@@ -18,12 +18,12 @@ import torch
 from omegaconf import DictConfig
 
 from ddim_lab.cache import InversionCache
-from ddim_lab.config import compose_config
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.experiment import Runner
 from ddim_lab.inversion import make_inverter
 from ddim_lab.inversion.base import InvertContext, Inverter, SampleRows
 from ddim_lab.schedule import exact_plan
+from tests.conftest import lab_config
 from tests.denoisers import ToyDenoiser, sd_scheduler, toy_cond
 
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
@@ -33,16 +33,7 @@ TINY_STEPS = 6
 
 
 def make_cfg(cache: Path | None, *overrides: str, model: str = "tiny", steps: int = TINY_STEPS) -> DictConfig:
-    base = [
-        f"model={model}",
-        f"num_steps={steps}",
-        "metrics.lpips=off",
-        "runtime.device=cpu",
-        "runtime.progress=false",
-        f"cache.enabled={cache is not None}",
-        f"cache.dir='{cache or 'unused'}'",
-    ]
-    return compose_config([*base, *overrides])
+    return lab_config(*overrides, model=model, steps=steps, cache=cache)
 
 
 def items_for(model, n: int) -> list[Item]:

@@ -26,6 +26,7 @@ from ddim_lab.inversion.ddim import DDIMInversion
 from ddim_lab.inversion.edit_friendly import EditFriendlyInversion
 from ddim_lab.inversion.fixed_point import FixedPointInversion
 from ddim_lab.schedule import exact_plan
+from tests.conftest import lab_config
 from tests.denoisers import GaussianDenoiser, ToyDenoiser, sd_scheduler, toy_cond
 
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
@@ -245,16 +246,7 @@ def test_configs_carry_the_code_defaults():
 
 
 def make_cfg(cache: Path | None, *overrides: str) -> DictConfig:
-    base = [
-        "model=tiny",
-        f"num_steps={STEPS}",
-        "metrics.lpips=off",
-        "runtime.device=cpu",
-        "runtime.progress=false",
-        f"cache.enabled={cache is not None}",
-        f"cache.dir='{cache or 'unused'}'",
-    ]
-    return compose_config([*base, *overrides])
+    return lab_config(*overrides, steps=STEPS, cache=cache)
 
 
 @pytest.fixture(scope="module")

@@ -18,27 +18,19 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from omegaconf import DictConfig
 
-from ddim_lab.config import compose_config
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.ddim import invert, sample
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
 from ddim_lab.experiment import Runner
 from ddim_lab.inversion import INVERTERS, inverter_class, make_plan
+from tests.conftest import lab_config
 from tests.denoisers import sd_scheduler
 
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
 
 
 def make_cfg(*overrides: str, model: str = "tiny", steps: int = 8) -> DictConfig:
-    base = [
-        f"model={model}",
-        f"num_steps={steps}",
-        "metrics.lpips=off",
-        "runtime.device=cpu",
-        "runtime.progress=false",
-        "cache.enabled=false",
-    ]
-    return compose_config([*base, *overrides])
+    return lab_config(*overrides, model=model, steps=steps)
 
 
 def items_for(model, n: int) -> list[Item]:
