@@ -19,66 +19,14 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from ddim_lab.schema import BOOL_COLUMNS, COLUMNS, FLOAT_COLUMNS, INT_COLUMNS
+
 if TYPE_CHECKING:  # torch is imported where images are drawn: reading tables stays light
     import torch
 
 logger = logging.getLogger(__name__)
 
-COLUMNS: tuple[str, ...] = (
-    "image",
-    "prompt",
-    "edit_prompt",
-    "negative_prompt",
-    "task",
-    "model",
-    "scheduler",
-    "inverter",
-    "num_steps",
-    "inversion_guidance_scale",
-    "guidance_scale",
-    "start_step",
-    "eta",
-    "seed",
-    "dtype",
-    "psnr",
-    "ssim",
-    "lpips",
-    "lpips_net",
-    "latent_mse",
-    "vae_psnr",
-    "vae_lpips",
-    "unet_evals",
-    "inversion_unet_evals",
-    "inversion_unet_backwards",
-    "inversion_cached",
-    "sample_seed",
-    "seconds",
-    "peak_memory_mb",
-)
-
-FLOAT_COLUMNS = (
-    "inversion_guidance_scale",
-    "guidance_scale",
-    "eta",
-    "psnr",
-    "ssim",
-    "lpips",
-    "latent_mse",
-    "vae_psnr",
-    "vae_lpips",
-    "seconds",
-    "peak_memory_mb",
-)
-INT_COLUMNS = (
-    "num_steps",
-    "start_step",
-    "seed",
-    "unet_evals",
-    "inversion_unet_evals",
-    "inversion_unet_backwards",
-    "sample_seed",
-)
-BOOL_COLUMNS = ("inversion_cached",)
+# the row schema is declared once, in ddim_lab.schema: columns, order and dtypes
 
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"

@@ -1,7 +1,7 @@
 """One definition of the result-row schema: every column with its role and dtype.
 
-Proposal, ready to move into ``records.py``: ``COLUMNS`` and the FLOAT/INT/BOOL column lists of ``records``
-and the report's grouping keys are all derived from :data:`SCHEMA`, so a new column is declared once.
+``records`` takes ``COLUMNS`` and the FLOAT/INT/BOOL column lists from here, and the report its grouping
+keys: all are derived from :data:`SCHEMA`, so a new column is declared once.
 
 Roles:
 
@@ -150,7 +150,7 @@ SCHEMA: tuple[Column, ...] = (
 
 BY_NAME: dict[str, Column] = {c.name: c for c in SCHEMA}
 
-# what records.py would derive (COLUMNS keeps today's order)
+# what records.py writes: the core columns in this order, with these dtypes
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core)
 FLOAT_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == FLOAT)
 INT_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == INT)
