@@ -111,6 +111,8 @@ class Runner:
         self.scheduler = model.scheduler(**cfg.scheduler.overrides)
         self.inverter = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True))
         self.plan = self.inverter.plan(self.scheduler, cfg.num_steps)
+        knobs = {k: v for k, v in self.inverter.key().items() if k != "method"}
+        self.knobs_json = json.dumps(knobs, sort_keys=True)  # rows of other knob values are never pooled
         self.denoiser: UNetDenoiser = model.denoiser(self.scheduler)
         if bool((self.plan.alpha == 0).any()) and self.denoiser.prediction_type == "epsilon":
             raise ValueError(
@@ -375,6 +377,10 @@ class Runner:
                     "model": cfg.model.name,
                     "scheduler": cfg.scheduler.name,
                     "inverter": cfg.inverter.name,
+                    "inverter_knobs": self.knobs_json,
+                    "scheduler_overrides": json.dumps(
+                        OmegaConf.to_container(cfg.scheduler.overrides), sort_keys=True
+                    ),
                     "num_steps": cfg.num_steps,
                     "inversion_guidance_scale": self.inversion_guidance_for(p.guidance),
                     "guidance_scale": p.guidance,

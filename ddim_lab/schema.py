@@ -65,6 +65,8 @@ SCHEMA: tuple[Column, ...] = (
     Column("model", CONFIG, STR),
     Column("scheduler", CONFIG, STR),
     Column("inverter", CONFIG, STR),
+    Column("inverter_knobs", CONFIG, STR, "the inverter's knobs that change its artifact (JSON)"),
+    Column("scheduler_overrides", CONFIG, STR, "scheduler.overrides (JSON)"),
     Column("num_steps", CONFIG, INT, "DDIM steps N", "steps"),
     Column("inversion_guidance_scale", CONFIG, FLOAT),
     Column("guidance_scale", CONFIG, FLOAT),

@@ -12,7 +12,8 @@ from ddim_lab import records
 from ddim_lab.records import COLUMNS, GRID_PAD, save_grid, write_results
 
 SPEC = (
-    "image, prompt, edit_prompt, negative_prompt, task, model, scheduler, inverter, num_steps, "
+    "image, prompt, edit_prompt, negative_prompt, task, model, scheduler, inverter, inverter_knobs, "
+    "scheduler_overrides, num_steps, "
     "inversion_guidance_scale, guidance_scale, start_step, eta, seed, dtype, psnr, ssim, lpips, lpips_net, "
     "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_unet_evals, inversion_unet_backwards, "
     "inversion_cached, sample_seed, seconds, peak_memory_mb"

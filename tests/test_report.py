@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ddim_lab.records import write_results
-from ddim_lab.report import main, summarize, varying_columns, write_report
+from ddim_lab.report import collect_results, main, summarize, varying_columns, write_report
 
 
 def _rows(num_steps: int, psnrs: list[float], lpips: list[float], guidance: float = 1.0, start: int = 0):
@@ -206,3 +206,20 @@ def test_cli_intervals_paired_html_and_protocol_line(tmp_path, caplog):
     lines = [ln for ln in (root / "report.md").read_text().splitlines() if "protocols" in ln]
     assert len(lines) == 1 and "not comparable" in lines[0]
     assert main([str(root), "--baseline", "edict"]) == 2 and "not a value of 'inverter'" in caplog.text
+
+
+def test_runs_that_differ_only_in_an_inverter_knob_are_not_pooled(tmp_path):
+    for n, iters in enumerate((1, 5)):
+        rows = [
+            {
+                "image": f"{i}.png",
+                "inverter": "fixed_point",
+                "inverter_knobs": f'{{"iters": {iters}}}',
+                "psnr": 30.0 + iters,
+            }
+            for i in range(3)
+        ]
+        write_results(rows, tmp_path / str(n))
+    df = collect_results(tmp_path)
+    assert "inverter_knobs" in varying_columns(df)
+    assert len(summarize(df)) == 2
