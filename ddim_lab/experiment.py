@@ -515,7 +515,6 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
     if len(todo) < len(mine):
         log.info("%d of %d image groups already done: skipped", len(mine) - len(todo), len(mine))
     computed = 0
-    failed: list[dict[str, Any]] = []
     for n in todo:
         first = firsts[n]
         part = items[first : first + group]
@@ -526,7 +525,7 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
             ValueError,
             NonFiniteResult,
         ) as err:  # out of memory, NaN, a bad image: this group only
-            failed.append(record_group_failure(run_dir, n, part, err))
+            record_group_failure(run_dir, n, part, err)
             continue
         if runner.control is not None:  # control settings in the rows, control images beside the results
             new_rows = [{**r, **control_settings(cfg)} for r in new_rows]
@@ -581,7 +580,7 @@ class GroupsFailed(RuntimeError):
     """Some image groups of a job failed; the others' rows are saved."""
 
 
-def record_group_failure(run_dir: Path, n: int, part: list[Item], err: BaseException) -> dict[str, Any]:
+def record_group_failure(run_dir: Path, n: int, part: list[Item], err: BaseException) -> None:
     """Log one failed image group and append it to ``run_dir/group_errors.jsonl``; free GPU memory."""
     entry = {"group": n, "images": [it.name for it in part], "type": type(err).__name__, "message": str(err)}
     log.error("image group %d (%s) failed: %s: %s", n, ", ".join(entry["images"][:3]), entry["type"], err)
@@ -589,4 +588,3 @@ def record_group_failure(run_dir: Path, n: int, part: list[Item], err: BaseExcep
         handle.write(json.dumps(entry) + "\n")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return entry
