@@ -19,6 +19,7 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,33 +204,67 @@ class Runner:
             extra=extra,
         )
 
+    def _through_cache(
+        self, keys: list[str], meta: Callable[[int], dict], compute: Callable[[list[int]], Artifact]
+    ) -> tuple[list[Artifact], list[int]]:
+        """The artifacts named by ``keys``: loaded from the cache, the missing ones computed in one batch by
+        ``compute(todo)`` (a batched artifact, one row per index in ``todo``) and saved with ``meta(j)``.
+
+        Returns the artifacts (rows without batch dim) and ``todo``, the indices that were computed.
+        """
+        found = [self.cache.load(k) for k in keys]
+        todo = [j for j, a in enumerate(found) if a is None]
+        if todo:
+            art = compute(todo)
+            for n, j in enumerate(todo):
+                found[j] = {k: v[n].detach().cpu() for k, v in art.items()}
+                self.cache.save(keys[j], found[j], meta(j))
+        return found, todo
+
     def _pivot(self, items: list[Item], x0: torch.Tensor, guidance: float | None, spent: dict[int, Cost]):
         """rows → DDIM trajectories (b, M+1, C, h, w) of those items, through the cache (null-text's pivot).
 
         What computing a pivot cost is added to ``spent[row]``.
         """
         inversion_guidance = self.inversion_guidance_for(guidance)
+        method = DDIMInversion()
 
         def pivot(rows: torch.Tensor) -> torch.Tensor:
-            method = DDIMInversion().key()
-            keys = [self.inversion_key(items[int(r)], guidance, method=method) for r in rows]
-            found = [self.cache.load(k) for k in keys]
-            todo = [j for j, a in enumerate(found) if a is None]
-            if todo:
-                mine = [items[int(rows[j])] for j in todo]
-                cond = self.cond([it.prompt for it in mine], [inversion_guidance] * len(todo), mine)
+            mine = [items[int(r)] for r in rows]
+
+            def compute(todo: list[int]) -> Artifact:
+                todo_items = [mine[j] for j in todo]
+                cond = self.cond([it.prompt for it in todo_items], [inversion_guidance] * len(todo), todo_items)
                 ctx = InvertContext(batch_size=self.cfg.batch_size, progress=self.cfg.runtime.progress)
-                art = DDIMInversion().invert(self.denoiser, x0[rows[todo]], self.plan, cond, ctx)
-                one = DDIMInversion().inversion_cost(self.plan, {}, 1.0, inversion_guidance)
-                for n, j in enumerate(todo):
-                    found[j] = {k: v[n].cpu() for k, v in art.items()}
-                    self.cache.save(keys[j], found[j], {"image": items[int(rows[j])].name, "pivot": True})
-                    spent[int(rows[j])] = spent.get(int(rows[j]), Cost()) + one
-                    self.minimum += one
-                self.evals["pivots_computed"] += len(todo)
+                return method.invert(self.denoiser, x0[rows[todo]], self.plan, cond, ctx)
+
+            keys = [self.inversion_key(it, guidance, method=method.key()) for it in mine]
+            found, todo = self._through_cache(keys, lambda j: {"image": mine[j].name, "pivot": True}, compute)
+            one = method.inversion_cost(self.plan, {}, 1.0, inversion_guidance)
+            for j in todo:
+                spent[int(rows[j])] = spent.get(int(rows[j]), Cost()) + one
+                self.minimum += one
+            self.evals["pivots_computed"] += len(todo)
             return torch.stack([a["trajectory"] for a in found]).to(x0.device)
 
         return pivot
+
+    def _invert(self, items: list[Item], x0: torch.Tensor, g: float | None, spent: dict[int, Cost]) -> Artifact:
+        """The inverter's artifacts of ``items`` (x0 their latents) for sampling guidance ``g``, batched."""
+        ctx = InvertContext(
+            guidance=1.0 if g is None else g,
+            generators=[torch.Generator().manual_seed(self.image_seed(it)) for it in items],
+            batch_size=self.cfg.batch_size,
+            progress=self.cfg.runtime.progress,
+            pivot=self._pivot(items, x0, g, spent),
+        )
+        cond = self.cond([it.prompt for it in items], [self.inversion_guidance_for(g)] * len(items), items)
+        fwd, bwd = self.denoiser.unet_evals, self.denoiser.unet_backwards
+        art = self.inverter.invert(self.denoiser, x0, self.plan, cond, ctx)
+        self.evals["inversion"] += self.denoiser.unet_evals - fwd
+        self.evals["inversion_backwards"] += self.denoiser.unet_backwards - bwd
+        self.evals["inversions_computed"] += len(items)
+        return art
 
     def artifacts(self, items: list[Item], x0: torch.Tensor) -> tuple[dict, dict]:
         """Each image's artifact per guidance it serves ({(i, g): artifact}), and what it cost this run
@@ -242,40 +277,21 @@ class Runner:
         found: dict[tuple[int, float | None], Artifact] = {}
         costs: dict[tuple[int, float | None], Cost] = {}
         for g in guidances:
-            keys = [self.inversion_key(it, g) for it in items]
-            for i, k in enumerate(keys):
-                cached = self.cache.load(k)
-                if cached is not None:
-                    found[i, g], costs[i, g] = cached, (Cost(), True)
-            todo = [i for i in range(len(items)) if (i, g) not in found]
+            spent: dict[int, Cost] = {}  # pivot costs, by position in ``todo``
+            arts, todo = self._through_cache(
+                [self.inversion_key(it, g) for it in items],
+                lambda i: {"image": items[i].name, "prompt": items[i].prompt},
+                lambda todo, g=g, spent=spent: self._invert([items[i] for i in todo], x0[todo], g, spent),
+            )
             self.evals["inversions_cached"] += len(items) - len(todo)
-            if not todo:
-                continue
-            spent: dict[int, Cost] = {}
-            ctx = InvertContext(
-                guidance=1.0 if g is None else g,
-                generators=[torch.Generator().manual_seed(self.image_seed(items[i])) for i in todo],
-                batch_size=self.cfg.batch_size,
-                progress=self.cfg.runtime.progress,
-                pivot=self._pivot([items[i] for i in todo], x0[todo], g, spent),
-            )
-            inversion_guidance = self.inversion_guidance_for(g)
-            cond = self.cond(
-                [items[i].prompt for i in todo], [inversion_guidance] * len(todo), [items[i] for i in todo]
-            )
-            fwd, bwd = self.denoiser.unet_evals, self.denoiser.unet_backwards
-            art = self.inverter.invert(self.denoiser, x0[todo], self.plan, cond, ctx)
-            self.evals["inversion"] += self.denoiser.unet_evals - fwd
-            self.evals["inversion_backwards"] += self.denoiser.unet_backwards - bwd
-            self.evals["inversions_computed"] += len(todo)
+            for i, art in enumerate(arts):
+                found[i, g], costs[i, g] = art, (Cost(), True)
             for n, i in enumerate(todo):
-                found[i, g] = {k: v[n].detach().cpu() for k, v in art.items()}
                 cost = self.inverter.inversion_cost(
-                    self.plan, found[i, g], 1.0 if g is None else g, inversion_guidance
+                    self.plan, found[i, g], 1.0 if g is None else g, self.inversion_guidance_for(g)
                 )
                 self.minimum += cost
                 costs[i, g] = (cost + spent.get(n, Cost()), False)
-                self.cache.save(keys[n], found[i, g], {"image": items[i].name, "prompt": items[i].prompt})
         return found, costs
 
     def image_seed(self, item: Item) -> int:
