@@ -141,9 +141,23 @@ def _plain_config(cfg: DictConfig) -> dict | None:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+def tune_objective(cfg: DictConfig, run_dir: Path) -> float:
+    """The ``tune`` objective of the job in ``run_dir``, from the results table it wrote (ddim_lab/tune.py)."""
+    from ddim_lab.records import read_results
+    from ddim_lab.tune import TuneError, objective
+
+    table = read_results(run_dir)
+    if table is None:
+        raise TuneError(f"tune: no results table in {run_dir} to read the objective from")
+    value = objective(table, OmegaConf.to_container(cfg.tune, resolve=True))
+    log.info("tune objective %s = %.6g (from %s)", cfg.tune.metric, value, run_dir)
+    return value
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def app(cfg: DictConfig) -> dict[str, Any]:
-    """One job. Failures are recorded and logged on one line, never raised, so a sweep goes on."""
+def app(cfg: DictConfig) -> dict[str, Any] | float:
+    """One job. Failures are recorded and logged on one line, never raised, so a sweep goes on. With a ``tune``
+    block the job returns its objective (a number: what Hydra's Optuna sweeper maximises), not a status."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -152,6 +166,8 @@ def app(cfg: DictConfig) -> dict[str, Any]:
     overrides = list(hydra_cfg.overrides.task)
     try:
         status = run(cfg, run_dir, group, name, overrides, hydra_cfg.job.num if multirun else None)
+        if cfg.get("tune") is not None:
+            return tune_objective(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - recorded in error.json with its traceback
         usage = is_usage_error(err)
         if not isinstance(err, RunDirConflict):  # never write into another run's directory
@@ -247,9 +263,20 @@ def _stderr_logging() -> None:
         )
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def multirun_first(argv: list[str]) -> list[str]:
+    """``-m``/``--multirun`` moved in front of the overrides: ``ddim-lab a=1 -m b=1,2`` means a sweep, where
+    Hydra's parser (overrides are one positional list) would reject the overrides after the flag."""
+    flags = [a for a in argv if a in MULTIRUN_FLAGS]
+    return flags[:1] + [a for a in argv if a not in MULTIRUN_FLAGS]
+
+
 def main() -> None:
     """Console entry point: exit code 0, 2 (config, model or data errors) or 1 (other failures)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.argv[1:] = multirun_first(sys.argv[1:])
     error = precheck(sys.argv[1:])
     if error is not None:
         _stderr_logging()

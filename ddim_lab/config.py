@@ -56,6 +56,19 @@ class RuntimeSchema:
 class DataSchema:
     path: str = MISSING
     categories: list[Any] | None = None  # PIE-Bench-format data: editing types to keep (None = all)
+    captions: bool = True  # false: ignore the images' captions, every image's source prompt is `prompt`
+
+
+@dataclass
+class TuneSchema:
+    """An Optuna sweep's objective, read from the results table a job wrote (``ddim_lab/tune.py``):
+    the mean of ``metric`` over the edit rows, less ``penalty`` when the mean of ``floor_metric`` is under
+    ``floor``. Maximised."""
+
+    metric: str = "edit_success"
+    floor_metric: str = "psnr_unedited"
+    floor: float = 25.0
+    penalty: float = 1.0
 
 
 @dataclass
@@ -72,6 +85,7 @@ class LabConfig:
     model: dict[str, Any] = field(default_factory=dict)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     inverter: dict[str, Any] = field(default_factory=dict)
+    editor: dict[str, Any] = field(default_factory=dict)  # conf/editor: prompt_swap | p2p and its knobs
     data: DataSchema = field(default_factory=DataSchema)
     logger: dict[str, Any] = field(default_factory=dict)
     task: str = "reconstruct"
@@ -92,6 +106,7 @@ class LabConfig:
     control: dict[str, Any] = field(default_factory=dict)  # conf/control: the ControlNet input signal
     controlnet: dict[str, Any] = field(default_factory=dict)  # conf/controlnet: the ControlNet model
     sampler: str = "ddim"  # task=controlnet: ddim | unipc | dpmpp
+    tune: TuneSchema | None = None  # set by a tuning preset: the job returns its objective to the sweeper
 
 
 def register_configs() -> None:
@@ -202,6 +217,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eta={cfg.eta!r} must be >= 0")
     if cfg.task in ("reconstruct", "edit"):
         check_inverter(cfg, starts)
+        check_editor(cfg)
     if cfg.task == "sample" and len(as_list(cfg.guidance_scale)) != 1:
         raise ConfigError("task=sample takes one guidance_scale; sweep several with -m guidance_scale=a,b")
     if cfg.task == "edit" and not as_list(cfg.edit_prompt) and not _annotated(cfg):
@@ -221,6 +237,12 @@ def validate(cfg: DictConfig) -> None:
     from ddim_lab.control.checks import check_control
 
     check_control(cfg)
+    if cfg.get("tune") is not None:
+        from ddim_lab.tune import check_tune
+
+        if cfg.task != "edit":
+            raise ConfigError(f"tune (an Optuna objective over edit rows) needs task=edit, got task={cfg.task}")
+        check_tune(cfg.tune)
 
 
 def check_inverter(cfg: DictConfig, starts: list[int]) -> None:
@@ -230,6 +252,17 @@ def check_inverter(cfg: DictConfig, starts: list[int]) -> None:
     spec = OmegaConf.to_container(cfg.inverter, resolve=True)
     try:
         make_inverter(spec).check(cfg.num_steps, starts, float(cfg.eta))
+    except (ValueError, KeyError) as err:
+        raise ConfigError(str(err).replace("\n", " ")) from err
+
+
+def check_editor(cfg: DictConfig) -> None:
+    """The editor's own check of its knobs (no model needed)."""
+    from ddim_lab.editing import make_editor
+
+    spec = OmegaConf.to_container(cfg.editor, resolve=True) if "editor" in cfg else None
+    try:
+        make_editor(spec)
     except (ValueError, KeyError) as err:
         raise ConfigError(str(err).replace("\n", " ")) from err
 

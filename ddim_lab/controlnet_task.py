@@ -26,6 +26,7 @@ from diffusers import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from ddim_lab import schema
 from ddim_lab.config import ConfigError, as_list
 from ddim_lab.control import control_settings, make_control
 from ddim_lab.control.base import ControlSignal, save_control_images
@@ -54,6 +55,8 @@ def control_pipeline(
 ) -> StableDiffusionControlNetPipeline:
     """diffusers' ControlNet pipeline over the loaded model's own modules (no copy), with the runtime knobs:
     xformers attention for the ControlNet too, and model CPU offload over all components."""
+    if model.family != "sd":
+        raise ConfigError(f"task=controlnet runs UNet models; {model.name} is a {model.family} flow model")
     if model.controlnet is None:
         raise ConfigError(
             "task=controlnet needs a ControlNet: controlnet=sd15-canny|sd15-openpose|local|digits-canny"
@@ -147,9 +150,7 @@ def controlnet_task(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) 
     sampler = make_sampler(cfg.sampler, model, cfg.scheduler.overrides)
     pipe = control_pipeline(model, sampler, cfg.runtime)
     settings = control_settings(cfg)
-    latents = torch.zeros(
-        len(jobs), model.pipe.unet.config.in_channels, *(2 * [model.resolution // model.pipe.vae_scale_factor])
-    )
+    latents = torch.zeros(len(jobs), *model.latent_shape)  # (B, C, h, w)
     for guidance in as_list(cfg.guidance_scale):  # one pipeline call (in batches) per guidance scale
         rows = [r for r, job in enumerate(jobs) if job[2] == float(guidance)]
         latents[rows] = generate(
@@ -168,28 +169,27 @@ def controlnet_task(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) 
     results = model.decode(latents)
     torch.save(latents, run_dir / "latents.pt")
     seconds = (time.perf_counter() - start) / len(jobs)
+    shared = schema.config_values(cfg) | {
+        "scheduler": cfg.sampler,  # the pipeline's sampler, not the lab's DDIM scheduler config
+        "edit_prompt": None,  # generation: no inversion, no edit, no metric against an input
+        "inverter": None,
+        "inverter_knobs": None,
+        "inversion_guidance_scale": None,
+        "lpips_net": None,
+        "start_step": 0,
+        "eta": 0.0,
+        "seconds": seconds,
+    }
     rows = []
     for r, (i, p, g, s) in enumerate(jobs):
         name = f"controlnet_{r:03d}"
         save_grid(run_dir / f"{name}.png", [("", results[r : r + 1])], [""], min_cell=model.resolution)
         rows.append(
-            {
-                "image": items[i].name,
-                "prompt": p,
-                "negative_prompt": cfg.negative_prompt,
-                "task": "controlnet",
-                "model": cfg.model.name,
-                "scheduler": cfg.sampler,
-                "num_steps": cfg.num_steps,
-                "guidance_scale": g,
-                "start_step": 0,
-                "eta": 0.0,
-                "seed": s,
-                "dtype": cfg.runtime.dtype,
-                "seconds": seconds,
-                "output": f"{name}.png",
-                **settings,
-            }
+            schema.row(
+                **shared
+                | settings
+                | {"image": items[i].name, "prompt": p, "guidance_scale": g, "seed": s, "output": f"{name}.png"}
+            )
         )
     table = write_results(rows, run_dir)
     per_item = len(jobs) // len(items)

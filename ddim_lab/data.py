@@ -25,9 +25,11 @@ Datasets: a path is an image file or a folder searched recursively for files end
 from ``captions.csv`` (columns ``image``, ``prompt``) or ``captions.jsonl`` (objects with ``image``,
 ``prompt``) in the folder (for a single file: in its parent folder); ``image`` is the path relative to that
 folder or the bare file name, the relative path winning when both match. Images without a caption get the
-default prompt; an empty prompt in the file is kept as given. Having both caption files in one folder is an
-error. An unreadable image in a folder is logged as a warning and skipped; a missing path raises
-``FileNotFoundError``; a folder with no readable image, or an unreadable single file, raises ``ValueError``.
+default prompt; an empty prompt in the file is kept as given. A dataset without any caption, or loaded with
+``captions=False`` (``data.captions=false``: caption files ignored), gives every image the default prompt and
+says so once. Having both caption files in one folder is an error. An unreadable image in a folder is logged
+as a warning and skipped; a missing path raises ``FileNotFoundError``; a folder with no readable image, or
+an unreadable single file, raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import csv
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +203,33 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def load_dataset(path: str | Path, resolution: int, default_prompt: str) -> list[Item]:
-    """Load an image file or a folder of images as captioned :class:`Item` s (see the module policy)."""
+def with_prompt(items: Sequence[Item], prompt: str, source: str | Path) -> list[Item]:
+    """``items`` with ``prompt`` as every source prompt (``data.captions=false``), said once."""
+    _say_captions_off(source, prompt, len(items))
+    return [replace(item, prompt=prompt) for item in items]
+
+
+def _say_captions_off(path: str | Path, prompt: str, count: int) -> None:
+    logger.info("data.captions=false: using prompt=%r for all %d images of %s", prompt, count, path)
+
+
+def _say_uncaptioned(path: Path, prompt: str, count: int) -> None:
+    """Say once that no image of ``path`` has a caption: a warning when they all get an empty prompt."""
+    level = logging.WARNING if not prompt else logging.INFO
+    logger.log(
+        level,
+        "data.path=%s has no captions (no %s or %s): using prompt=%r for all %d images",
+        path,
+        CAPTIONS_CSV,
+        CAPTIONS_JSONL,
+        prompt,
+        count,
+    )
+
+
+def load_dataset(path: str | Path, resolution: int, default_prompt: str, captions: bool = True) -> list[Item]:
+    """Load an image file or a folder of images as captioned :class:`Item` s (see the module policy);
+    ``captions=False`` ignores caption files: every image gets ``default_prompt``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset path does not exist: {path}")
@@ -209,11 +237,7 @@ def load_dataset(path: str | Path, resolution: int, default_prompt: str) -> list
         root, files = path, find_images(path)
     else:
         root, files = path.parent, [path]
-    captions = read_captions(root)
-    if not captions:
-        logger.info(
-            "no %s or %s in %s: every image gets prompt=%r", CAPTIONS_CSV, CAPTIONS_JSONL, root, default_prompt
-        )
+    found = read_captions(root) if captions else {}
     items, used, uncaptioned = [], set(), 0
     for file in files:
         name = file.relative_to(root).as_posix()
@@ -224,16 +248,20 @@ def load_dataset(path: str | Path, resolution: int, default_prompt: str) -> list
                 raise
             logger.warning("skipping unreadable image %s: %s", file, err.__cause__)
             continue
-        key = name if name in captions else file.name
+        key = name if name in found else file.name
         used.add(key)
-        uncaptioned += key not in captions
-        prompt = captions.get(key, default_prompt)
+        uncaptioned += key not in found
+        prompt = found.get(key, default_prompt)
         items.append(Item(name, file, pixels_to_tensor(pixels), prompt, content_hash(pixels)))
     if not items:
         raise DataError(f"no readable images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    if captions and uncaptioned:
+    if not captions:
+        _say_captions_off(path, default_prompt, len(items))
+    elif not found:
+        _say_uncaptioned(path, default_prompt, len(items))
+    elif uncaptioned:
         logger.info("%d image(s) in %s have no caption: they get prompt=%r", uncaptioned, root, default_prompt)
-    unused = sorted(set(captions) - used)
+    unused = sorted(set(found) - used)
     if path.is_dir() and unused:
         logger.warning("%d caption(s) in %s match no loaded image, e.g. %s", len(unused), root, unused[:3])
     logger.info("loaded %d image(s) from %s at %dx%d", len(items), path, resolution, resolution)

@@ -6,7 +6,7 @@ network they call. Any object with the same call signature works in their place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,6 +37,12 @@ class Conditioning:
             guidance=self.guidance[rows],
             extra={k: v[rows] for k, v in self.extra.items()},
         )
+
+    def with_null_from(self, source: Conditioning) -> Conditioning:
+        """This conditioning with ``source``'s prompt as its null branch: ``null`` = ``source.text`` and each
+        ``null_K`` extra = ``source.extra[K]`` (a flow model's pooled embedding)."""
+        swapped = {k: source.extra[k.removeprefix("null_")] for k in self.extra if k.startswith("null_")}
+        return replace(self, null=source.text, extra={**self.extra, **swapped})
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
@@ -124,13 +130,10 @@ class UNetDenoiser:
         """x (B, C, H, W), t (B,) → guided ε and x̂₀ (B, C, H, W) each."""
         g = cond.guidance.to(x.device, x.dtype)  # (B,)
         # 1. rows that need the prompt branch and rows that need the null branch
-        use_text = (g != 0).nonzero().flatten()
-        use_null = (g != 1).nonzero().flatten()
-        if len(use_null) and cond.null is None:
-            raise ValueError("guidance other than 1 needs null (negative-prompt) embeddings")
+        use_text, use_null = cfg_branches(cond, g)
         # 2. one UNet call over both branches
         rows = torch.cat([use_text, use_null])
-        embeds = torch.cat([cond.text[use_text], cond.null[use_null] if len(use_null) else cond.text[:0]])
+        embeds = stack_branches(cond.text, cond.null, use_text, use_null)
         out = self._network(x[rows], t[rows], embeds, cond, rows)
         # 3. (ε, x̂₀) at each row's timestep, then classifier-free guidance: ε̃ = ε_∅ + g (ε_c − ε_∅)
         alpha = self.alphas_cumprod[t[rows].cpu()].to(x.device)
@@ -140,6 +143,23 @@ class UNetDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x (B, C, H, W), t (B,) → guided ε (B, C, H, W)."""
         return self.predict(x, t, cond).eps
+
+
+def cfg_branches(cond: Conditioning, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (each (b,)) that need the prompt branch and rows that need the null branch: guidance 1 takes the
+    prompt alone, guidance 0 the null prompt alone, anything else both."""
+    use_text = (g != 0).nonzero().flatten()
+    use_null = (g != 1).nonzero().flatten()
+    if len(use_null) and cond.null is None:
+        raise ValueError("guidance other than 1 needs null (negative-prompt) embeddings")
+    return use_text, use_null
+
+
+def stack_branches(
+    text: torch.Tensor, null: torch.Tensor | None, use_text: torch.Tensor, use_null: torch.Tensor
+) -> torch.Tensor:
+    """One network batch of both branches: [text[use_text]; null[use_null]] (the order ``_guide`` reads)."""
+    return torch.cat([text[use_text], null[use_null] if len(use_null) else text[:0]])
 
 
 def _guide(

@@ -13,6 +13,7 @@ Network passes are counted by the denoiser and checked against the minimum each 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -28,14 +29,16 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddim_lab import schema
 from ddim_lab.cache import InversionCache, inversion_key
 from ddim_lab.config import as_list
 from ddim_lab.control import control_settings, make_control
 from ddim_lab.control.base import save_control_images
-from ddim_lab.data import Item, load_dataset
+from ddim_lab.data import Item, load_dataset, with_prompt
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
 from ddim_lab.digits_pie import edit_success, target_digit
 from ddim_lab.edit_metrics import EditMetrics, empty_region_counts
+from ddim_lab.editing import Editor, EditPrompts, make_editor
 from ddim_lab.inversion import make_inverter
 from ddim_lab.inversion.base import Artifact, Cost, InvertContext, SampleRows
 from ddim_lab.inversion.ddim import DDIMInversion
@@ -45,7 +48,7 @@ from ddim_lab.models.loading import LatentModel
 from ddim_lab.pie import PieItem, is_pie_dir, load_pie
 from ddim_lab.protocol import Protocol
 from ddim_lab.provenance import provenance
-from ddim_lab.records import save_grid, write_results
+from ddim_lab.records import VAE_COLUMN, save_grid, tile_captions, write_results
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +200,7 @@ class Runner:
             if items is None:
                 raise ValueError("a ControlNet run needs each row's image for its control image")
             extra["control"] = self.control_images(items).to(self.model.device)
-        return Conditioning(
-            text=self.model.embed(prompts),
-            null=self.model.embed([self.cfg.negative_prompt] * len(prompts)),
-            guidance=torch.tensor(guidance, dtype=torch.float32),
-            extra=extra,
-        )
+        return self.model.conditioning(prompts, guidance, self.cfg.negative_prompt, extra)
 
     def _through_cache(
         self, keys: list[str], meta: Callable[[int], dict], compute: Callable[[list[int]], Artifact]
@@ -314,6 +312,12 @@ class Runner:
         """The seed of one stochastic trajectory: distinct per (image, grid point), stable across groups."""
         return int(self.cfg.seed) + image_index * len(self.points) + point_index
 
+    @functools.cached_property
+    def editor(self) -> Editor:
+        """How edit trajectories are sampled (``cfg.editor``: prompt_swap, p2p)."""
+        spec = OmegaConf.to_container(self.cfg.editor, resolve=True) if "editor" in self.cfg else None
+        return make_editor(spec)
+
     def sample_grid(self, items: list[Item], artifacts: dict, first_index: int = 0) -> torch.Tensor:
         """Final latents (len(items) × len(points), C, h, w), rows ordered image-major."""
         rows = list(itertools.product(range(len(items)), enumerate(self.points)))
@@ -337,19 +341,27 @@ class Runner:
             edit=torch.tensor([self.is_edit(items[i], p) for i, (_, p) in rows]),
             generators=gens,
         )
+        prompts = EditPrompts(
+            source=[items[i].prompt for i, _ in rows],
+            target=[self.target(items[i], p) or items[i].prompt for i, (_, p) in rows],
+            blended=[getattr(items[i], "blended_words", None) for i, _ in rows],
+            tokenizer=getattr(self.model.pipe, "tokenizer", None),
+        )
         before = self.denoiser.unet_evals
-        out = self.inverter.sample(
+        out = self.editor.sample(
+            self.inverter,
             self.denoiser,
             self.plan,
             batch,
+            prompts,
             eta=float(self.cfg.eta),
             batch_size=self.cfg.batch_size,
             progress=self.cfg.runtime.progress,
         )
         self.evals["sampling"] += self.denoiser.unet_evals - before
         for n, (_, (_, p)) in enumerate(rows):
-            self.minimum += self.inverter.sampling_cost(
-                self.plan, p.start_step, p.guidance, bool(batch.edit[n])
+            self.minimum += self.editor.trajectory_cost(
+                self.inverter, self.plan, p.start_step, p.guidance, bool(batch.edit[n])
             )
         return out
 
@@ -379,52 +391,42 @@ class Runner:
         edit_scores = self.edit_scores(items, images, results)
         seconds = (time.perf_counter() - start) / (len(items) * P)
         memory = peak_memory_mb(self.model.device)
+        shared = schema.config_values(cfg)
         rows = []
         for r, (i, (j, p)) in enumerate(itertools.product(range(len(items)), enumerate(self.points))):
             cost, cached = costs[i, p.guidance if self.per_guidance else None]
             edit = self.is_edit(items[i], p)
             rows.append(
-                {
-                    "image": items[i].name,
-                    "prompt": items[i].prompt,
-                    "edit_prompt": self.target(items[i], p),
-                    "negative_prompt": cfg.negative_prompt,
-                    "task": cfg.task,
-                    "model": cfg.model.name,
-                    "scheduler": cfg.scheduler.name,
-                    "inverter": cfg.inverter.name,
-                    "inverter_knobs": self.knobs_json,
-                    "scheduler_overrides": json.dumps(
-                        OmegaConf.to_container(cfg.scheduler.overrides), sort_keys=True
-                    ),
-                    "num_steps": cfg.num_steps,
-                    "inversion_guidance_scale": self.inversion_guidance_for(p.guidance),
-                    "guidance_scale": p.guidance,
-                    "start_step": p.start_step,
-                    "eta": float(cfg.eta),
-                    "seed": int(cfg.seed),
-                    "dtype": cfg.runtime.dtype,
-                    "psnr": float(scores["psnr"][r]),
-                    "ssim": float(scores["ssim"][r]),
-                    "lpips": float(scores["lpips"][r]),
-                    "lpips_net": cfg.metrics.lpips_net,
-                    "latent_mse": float(latent_err[r]),
-                    "vae_psnr": float(vae_scores["psnr"][i]),
-                    "vae_lpips": float(vae_scores["lpips"][i]),
-                    "unet_evals": self.inverter.sampling_cost(
-                        self.plan, p.start_step, p.guidance, edit
+                schema.row(
+                    **shared,
+                    image=items[i].name,
+                    prompt=items[i].prompt,
+                    edit_prompt=self.target(items[i], p) or "",  # empty = reconstruction, as the README says
+                    inverter_knobs=self.knobs_json,
+                    inversion_guidance_scale=self.inversion_guidance_for(p.guidance),
+                    guidance_scale=p.guidance,
+                    start_step=p.start_step,
+                    psnr=float(scores["psnr"][r]),
+                    ssim=float(scores["ssim"][r]),
+                    lpips=float(scores["lpips"][r]),
+                    latent_mse=float(latent_err[r]),
+                    vae_psnr=float(vae_scores["psnr"][i]),
+                    vae_lpips=float(vae_scores["lpips"][i]),
+                    unet_evals=self.editor.trajectory_cost(
+                        self.inverter, self.plan, p.start_step, p.guidance, edit
                     ).forwards,
-                    "inversion_unet_evals": cost.forwards,
-                    "inversion_unet_backwards": cost.backwards,
-                    "inversion_cached": cached,
-                    "sample_seed": self.sample_seed(first_index + i, j) if cfg.eta > 0 else None,
-                    "seconds": seconds,
-                    "peak_memory_mb": memory,
-                    "protocol": None if self.protocol is None else self.protocol.id(),
+                    **self.editor.row_fields(),
+                    inversion_unet_evals=cost.forwards,
+                    inversion_unet_backwards=cost.backwards,
+                    inversion_cached=cached,
+                    sample_seed=self.sample_seed(first_index + i, j) if cfg.eta > 0 else None,
+                    seconds=seconds,
+                    peak_memory_mb=memory,
+                    protocol=None if self.protocol is None else self.protocol.id(),
                     **{k: v[r] for k, v in edit_scores.items()},
-                }
+                )
             )
-        columns = {"input": images, "VAE round-trip": vae_images}
+        columns = {"input": images, VAE_COLUMN: vae_images}
         if self.control is not None:
             columns[f"control: {self.control.name}"] = self.control_images(items)
         for j, p in enumerate(self.points):
@@ -479,6 +481,7 @@ class Runner:
             "inverter": self.inverter.name,
             "inverter_knobs": self.inverter.key(),
             "formula": self.inverter.formula,
+            "editor": {"name": self.editor.name, **self.editor.knobs()},
             "unet_evals": self.evals["inversion"] + self.evals["sampling"],
             "unet_backwards": self.evals["inversion_backwards"],
             "minimum_unet_evals": self.minimum.forwards,
@@ -492,10 +495,12 @@ class Runner:
 
 def load_items(cfg: DictConfig, resolution: int) -> list[Item]:
     """The run's images: a PIE-Bench-format folder (``mapping_file.json``) gives items with their edit
-    annotation (target prompt, mask, blended words); anything else goes through ``data.load_dataset``."""
+    annotation (target prompt, mask, blended words); anything else goes through ``data.load_dataset``.
+    ``data.captions=false``: every image's source prompt is ``prompt`` instead of its caption."""
     if is_pie_dir(cfg.data.path):
-        return load_pie(cfg.data.path, resolution, cfg.data.get("categories"))
-    return load_dataset(cfg.data.path, resolution, cfg.prompt)
+        items = load_pie(cfg.data.path, resolution, cfg.data.get("categories"))
+        return items if cfg.data.captions else with_prompt(items, cfg.prompt, cfg.data.path)
+    return load_dataset(cfg.data.path, resolution, cfg.prompt, captions=cfg.data.captions)
 
 
 def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) -> pd.DataFrame:
@@ -550,6 +555,7 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
             run_dir / f"grid_{n:03d}.png",
             list(columns.items()),
             [f"{it.name}: {it.prompt}" for it in part],
+            captions=tile_captions(list(columns), new_rows, len(part)),  # each tile's PSNR under it
         )
         write_part(new_rows, run_dir, names[n])  # the group is done once its part exists
         logger.log_image(grid, f"images {first}–{first + len(part) - 1}")

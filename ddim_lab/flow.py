@@ -12,11 +12,15 @@ So a flow model is a DDIM denoiser on the rescaled latents: from one velocity, x
 ``ddim_lab.inversion`` therefore runs on a flow model unchanged; the flow solvers (``flow_euler``,
 ``rf_solver``, ...) use ``velocity`` and ``to_flow``/``from_flow`` to step in σ directly.
 
-Timesteps of a flow plan are σ · 1000 as floats (the value SD3's transformer is called with).
+Timesteps of a flow plan are σ · 1000 as floats (the value SD3's transformer is called with). The sigmas
+are those the model's own pipeline steps (``flow_sigmas`` of a ``flow_scheduler``: SD3 pipelines call
+``set_timesteps(N)``, FluxPipeline passes ``linspace(1, 1/N, N)``, both with the resolution shift μ when the
+scheduler shifts dynamically).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,6 +141,9 @@ def flow_scheduler(
     spacing = overrides.pop("sigma_spacing", sigma_spacing)
     if spacing not in SIGMA_SPACINGS:
         raise ValueError(f"sigma_spacing={spacing!r} must be one of {', '.join(SIGMA_SPACINGS)}")
+    unknown = sorted(set(overrides) - set(inspect.signature(FlowMatchEulerDiscreteScheduler).parameters))
+    if unknown:
+        raise ValueError(f"scheduler.overrides {unknown} are not FlowMatchEulerDiscreteScheduler settings")
     clean = {k: v for k, v in dict(config).items() if k not in ("sigma_spacing", "mu")}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(clean, **overrides)
     if scheduler.config.stochastic_sampling or scheduler.config.invert_sigmas:

@@ -77,20 +77,31 @@ def _hub_snapshot(model_id: str, revision: str | None, patterns: list[str] | Non
     return folder
 
 
-def _complete_pipeline(folder: Path | None) -> Path | None:
-    """``folder`` when every component of its model_index.json has its config and weights."""
+WEIGHT_FOLDERS = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "controlnet",
+)
+
+
+def _complete_pipeline(folder: Path | None, skip: tuple[str, ...] = ()) -> Path | None:
+    """``folder`` when every component of its model_index.json (but ``skip``) has its config and weights."""
     import json
 
-    if folder is None:
+    if folder is None or not (folder / "model_index.json").is_file():
         return None
     index = json.loads((folder / "model_index.json").read_text())
     for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+        if name.startswith("_") or name in skip or not isinstance(value, list) or value[0] is None:
             continue
         sub = folder / name
         if not sub.is_dir():
             return None
-        weights = name in ("unet", "vae", "text_encoder", "controlnet")
+        weights = name in WEIGHT_FOLDERS
         if weights and not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
             return None
     return folder
@@ -114,16 +125,29 @@ def model_items(cfg: DictConfig) -> list[Item]:
                 )
             ]
 
+        # an SD3 model with t5=false never loads T5-XXL: neither download nor require it (~9.5 GB)
+        skip = (
+            ("text_encoder_3", "tokenizer_3")
+            if spec.get("family") == "sd3" and not spec.get("t5", True)
+            else ()
+        )
+
         def fetch() -> object:
             from diffusers import DiffusionPipeline
 
-            return DiffusionPipeline.download(model_id, revision=revision)
+            return DiffusionPipeline.download(model_id, revision=revision, **dict.fromkeys(skip))
 
         return [
-            Item("hub model", model_id, lambda: _complete_pipeline(_hub_snapshot(model_id, revision)), fetch)
+            Item(
+                "hub model",
+                model_id,
+                lambda: _complete_pipeline(_hub_snapshot(model_id, revision), skip),
+                fetch,
+            )
         ]
-    if source == "digits":
-        return [Item("shipped model", "digits", lambda: _existing(shipped_model_dir()), None)]
+    if source in ("digits", "digits-flow"):
+        shipped = shipped_model_dir("digits-ldm" if source == "digits" else "digits-flow")
+        return [Item("shipped model", source, lambda: _complete_pipeline(_existing(shipped)), None)]
     if source == "local":
         return [
             Item("local model", str(spec.get("path")), lambda: _existing(Path(str(spec.get("path")))), None)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,8 @@ PARTS_DIR = "parts"
 
 GRID_PAD = 4  # pixels between cells and around the grid
 GRID_HEADER_LINES = 3  # most text lines in a column header
+GRID_CAPTION_LINES = 1  # text lines under each tile when a grid has tile captions (e.g. its PSNR)
+VAE_COLUMN = "VAE round-trip"  # the header of a reconstruct/edit grid's VAE column
 _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
@@ -192,15 +194,21 @@ def save_grid(
     columns: list[tuple[str, torch.Tensor]],
     row_labels: list[str],
     min_cell: int = 128,
+    captions: Sequence[Sequence[str] | None] | None = None,
 ) -> Path:
     """Save a labelled PNG grid: one column per (header, images (B,3,H,W) in [0,1]), one row per image.
 
     Images smaller than ``min_cell`` px are upscaled by an integer factor (nearest neighbour). Row labels sit
-    in a left column, headers on top; long labels are wrapped and cut with an ellipsis.
+    in a left column, headers on top; long labels are wrapped and cut with an ellipsis. ``captions``: per
+    column None or one text per row, printed under each tile (``GRID_CAPTION_LINES`` lines, e.g. its PSNR).
     """
     if not columns:
         raise ValueError("save_grid needs at least one column")
     n_rows = len(row_labels)
+    if captions is not None and (
+        len(captions) != len(columns) or any(c is not None and len(c) != n_rows for c in captions)
+    ):
+        raise ValueError(f"captions: expected None or {n_rows} texts for each of the {len(columns)} columns")
     for label, images in columns:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != n_rows:
             raise ValueError(
@@ -216,9 +224,12 @@ def save_grid(
     line_h = font_size + 2
     header_h = GRID_HEADER_LINES * line_h + 2 * GRID_PAD
     row_lines = max(1, (cell_h - GRID_PAD) // line_h)
+    captioned = captions is not None and any(c is not None for c in captions)
+    caption_h = GRID_CAPTION_LINES * line_h if captioned else 0
+    pitch = cell_h + caption_h + GRID_PAD  # one image row: tiles, their captions, padding
 
     width = label_w + len(columns) * (cell_w + GRID_PAD) + GRID_PAD
-    height = header_h + n_rows * (cell_h + GRID_PAD) + GRID_PAD
+    height = header_h + n_rows * pitch + GRID_PAD
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
 
@@ -226,17 +237,48 @@ def save_grid(
         x0 = label_w + GRID_PAD + j * (cell_w + GRID_PAD)
         lines = _wrap(str(label), font, cell_w, GRID_HEADER_LINES)
         _draw_lines(draw, (x0, GRID_PAD), lines, font, line_h)
+        texts = captions[j] if captioned else None
         for i in range(n_rows):
             tile = _to_pil(images[i], scale)
-            y0 = header_h + i * (cell_h + GRID_PAD)
+            y0 = header_h + i * pitch
             canvas.paste(tile, (x0 + (cell_w - tile.width) // 2, y0 + (cell_h - tile.height) // 2))
+            if texts is not None:
+                lines = _wrap(str(texts[i]), font, cell_w, GRID_CAPTION_LINES)
+                _draw_lines(draw, (x0, y0 + cell_h), lines, font, line_h)
 
     for i, label in enumerate(row_labels):
-        y0 = header_h + i * (cell_h + GRID_PAD)
+        y0 = header_h + i * pitch
         lines = _wrap(str(label), font, label_w - 2 * GRID_PAD, row_lines)
         _draw_lines(draw, (GRID_PAD, y0), lines, font, line_h)
 
     return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def psnr_caption(value: float | None) -> str:
+    """A tile's caption: its PSNR against the input."""
+    return f"PSNR {value:.1f} dB" if value is not None and math.isfinite(value) else "PSNR n/a"
+
+
+def tile_captions(headers: Sequence[str], rows: Sequence[dict], n_images: int) -> list[list[str] | None]:
+    """Captions of a reconstruct/edit grid for :func:`save_grid`: each result tile's PSNR, the VAE round-trip's
+    PSNR (the ceiling) under ``VAE_COLUMN``, none under the other columns (input, control).
+
+    ``rows``: the grid's result rows, image-major (one per image and grid point); the grid points are the last
+    columns of ``headers``, in the rows' order.
+    """
+    points = len(rows) // max(n_images, 1)
+    if n_images < 1 or points * n_images != len(rows) or points > len(headers):
+        raise ValueError(f"{len(rows)} rows do not fit a grid of {n_images} images × {len(headers)} columns")
+    first = len(headers) - points
+    captions: list[list[str] | None] = []
+    for c, header in enumerate(headers):
+        if c >= first:
+            captions.append([psnr_caption(rows[i * points + c - first]["psnr"]) for i in range(n_images)])
+        elif header == VAE_COLUMN:
+            captions.append([psnr_caption(rows[i * points]["vae_psnr"]) for i in range(n_images)])
+        else:
+            captions.append(None)
+    return captions
 
 
 def part_name(index: int, keys: Iterable[str]) -> str:

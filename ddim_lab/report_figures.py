@@ -212,8 +212,10 @@ def pareto_figures(analysis: Analysis, out_dir: Path) -> list[Path]:
 
 def grid_geometry(width: int, height: int, columns_hint: int | None = None):
     """(rows, header height, cell size, columns) of a grid saved by ``records.save_grid``, from its pixel size;
-    None when no layout fits. ``columns_hint`` picks among several fitting layouts."""
-    from ddim_lab.records import GRID_HEADER_LINES, GRID_PAD
+    None when no layout fits. ``columns_hint`` picks among several fitting layouts. A grid with tile captions
+    has ``GRID_CAPTION_LINES`` text lines under each row of tiles (its row pitch is (height − header − pad) /
+    rows)."""
+    from ddim_lab.records import GRID_CAPTION_LINES, GRID_HEADER_LINES, GRID_PAD
 
     fits = []
     for cols in range(1, 65):
@@ -225,9 +227,10 @@ def grid_geometry(width: int, height: int, columns_hint: int | None = None):
                 continue
             font = min(16, max(10, cell // 10))
             header = GRID_HEADER_LINES * (font + 2) + 2 * GRID_PAD
-            rows = (height - header - GRID_PAD) / (cell + GRID_PAD)
-            if rows >= 1 and rows == int(rows):
-                fits.append((int(rows), header, cell, cols))
+            for caption in (0, GRID_CAPTION_LINES * (font + 2)):
+                rows = (height - header - GRID_PAD) / (cell + caption + GRID_PAD)
+                if rows >= 1 and rows == int(rows):
+                    fits.append((int(rows), header, cell, cols))
     if not fits:
         return None
     if columns_hint is not None:
@@ -303,6 +306,7 @@ def image_bands(df: pd.DataFrame, root: Path, image: str, keys: list[str]):
         hint = 2 + len(points) + (1 if "control" in rows and rows["control"].ne("none").any() else 0)
         with Image.open(grids[0]) as first:
             geometry = grid_geometry(first.width, first.height, hint)
+            first_height = first.height
         if geometry is None:
             logger.warning("run %s: grid layout not recognised: no tile for %s", run_dir, image)
             continue
@@ -316,12 +320,13 @@ def image_bands(df: pd.DataFrame, root: Path, image: str, keys: list[str]):
 
         with Image.open(grids[index]) as grid:
             grid = grid.convert("RGB")
-            top = header + row * (cell + GRID_PAD)
+            pitch = (first_height - header - GRID_PAD) // per_grid  # tiles, their captions if any, padding
+            top = header + row * pitch
             if top + cell > grid.height:
                 logger.warning("run %s: %s is not in its saved grids", run_dir, image)
                 continue
             head = grid.crop((0, 0, grid.width, header))
-            band = grid.crop((0, top, grid.width, top + cell))
+            band = grid.crop((0, top, grid.width, top + pitch - GRID_PAD))
         strip = _metric_strip(rows[rows["image"].astype(str) == image], grid.width, cell, geometry[3])
         config = ", ".join(
             f"{k}={key_text(k, rows[k].iloc[0])}"

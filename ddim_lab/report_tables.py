@@ -108,7 +108,7 @@ def fmt(value: object) -> str:
 
 
 def key_text(key: str, value: object) -> str:
-    """A config value as text; a missing or empty ``edit_prompt`` is a reconstruction (rows store null)."""
+    """A config value as text; an empty (or, in older tables, missing) ``edit_prompt`` is a reconstruction."""
     missing = value is None or (pd.api.types.is_scalar(value) and pd.isna(value))
     if key == "edit_prompt" and (missing or value == ""):
         return RECONSTRUCTION

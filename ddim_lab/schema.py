@@ -2,6 +2,8 @@
 
 ``records`` takes ``COLUMNS`` and the FLOAT/INT/BOOL column lists from here, and the report its grouping
 keys: all are derived from :data:`SCHEMA`, so a new column is declared once.
+Tasks build their rows with :func:`row` (every core column, undeclared ones refused) and take the run-wide
+config columns from the run's config with :func:`config_values`.
 
 Roles:
 
@@ -18,6 +20,7 @@ not split groups (:func:`grouping_keys`). When the same image appears with two v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -135,12 +138,16 @@ SCHEMA: tuple[Column, ...] = (
         core=False,
         lower_is_better=True,
     ),
+    # the editor of edit rows (ddim_lab/editing): rows of different editors or knobs are never pooled
+    Column("editor", CONFIG, STR, "how edits are sampled: prompt_swap or p2p (prompt-to-prompt)", core=False),
+    Column("editor_knobs", CONFIG, STR, "the editor's knobs (JSON)", core=False),
     Column("control", CONFIG, STR, "control signal", core=False),
     Column("control_knobs", CONFIG, STR, core=False),
     Column("controlnet", CONFIG, STR, core=False),
     Column("controlnet_scale", CONFIG, FLOAT, core=False),
     Column("control_guidance_start", CONFIG, FLOAT, core=False),
     Column("control_guidance_end", CONFIG, FLOAT, core=False),
+    Column("output", BOOKKEEPING, STR, "the row's result image file (task=controlnet)", core=False),
     Column(
         "run_dir",
         BOOKKEEPING,
@@ -151,6 +158,11 @@ SCHEMA: tuple[Column, ...] = (
 )
 
 BY_NAME: dict[str, Column] = {c.name: c for c in SCHEMA}
+
+# columns that only qualify another (a method's knobs): comparing the values of the qualified column pairs
+# across them, and a value whose qualifier varies is told apart by it (``fixed_point {"iters": 2}``)
+QUALIFIES: dict[str, str] = {"inverter_knobs": "inverter", "editor_knobs": "editor", "control_knobs": "control"}
+assert all(c in BY_NAME and q in BY_NAME for c, q in QUALIFIES.items()), "QUALIFIES names unknown columns"
 
 # what records.py writes: the core columns in this order, with these dtypes
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core)
@@ -263,8 +275,8 @@ def protocol_problem(df: pd.DataFrame) -> str | None:
 
 
 def normalize(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with an empty ``edit_prompt`` made missing: reconstruction rows store null today (the README says
-    empty), and the two spellings must be one group. Returns ``df`` itself when there is nothing to change."""
+    """``df`` with an empty ``edit_prompt`` made missing: reconstruction rows store it empty (older tables
+    stored null), and the two spellings must be one group. Returns ``df`` itself when nothing changes."""
     if "edit_prompt" not in df.columns:
         return df
     empty = df["edit_prompt"].astype(object).eq("").fillna(False).astype(bool)
@@ -273,3 +285,63 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["edit_prompt"] = df["edit_prompt"].astype(object).mask(empty, None)
     return df
+
+
+# -- building rows from the schema -------------------------------------------------------------------------
+# config columns that every row of a run shares, with the run-config key each is read from; the per-row ones
+# (prompt, edit_prompt, guidance_scale, start_step, inversion_guidance_scale, inverter_knobs) come from the task
+RUN_CONFIG: dict[str, str] = {
+    "negative_prompt": "negative_prompt",
+    "task": "task",
+    "model": "model.name",
+    "scheduler": "scheduler.name",
+    "inverter": "inverter.name",
+    "scheduler_overrides": "scheduler.overrides",
+    "num_steps": "num_steps",
+    "eta": "eta",
+    "seed": "seed",
+    "dtype": "runtime.dtype",
+    "lpips_net": "metrics.lpips_net",
+}
+_CASTS = {STR: str, FLOAT: float, INT: int, BOOL: bool}
+
+
+def _check_run_config() -> None:
+    wrong = [c for c in RUN_CONFIG if c not in BY_NAME or BY_NAME[c].role != CONFIG]
+    if wrong:
+        raise ValueError(f"RUN_CONFIG names columns that are not config columns of SCHEMA: {wrong}")
+
+
+_check_run_config()
+
+
+def config_values(cfg: Any) -> dict[str, Any]:
+    """The run-wide config columns of ``cfg`` (a composed lab config), cast to their column dtypes; a mapping
+    value (``scheduler.overrides``) as sorted JSON, so runs that differ only there are never pooled."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    out: dict[str, Any] = {}
+    for column, key in RUN_CONFIG.items():
+        value = OmegaConf.select(cfg, key)
+        if OmegaConf.is_config(value):
+            value = json.dumps(OmegaConf.to_container(value, resolve=True), sort_keys=True)
+        out[column] = None if value is None else _CASTS[BY_NAME[column].dtype](value)
+    return out
+
+
+def row(**values: Any) -> dict[str, Any]:
+    """One result row in schema order: every core column (a metric or bookkeeping column not given is None),
+    then the optional columns given.
+
+    Raises ValueError for a column the schema does not declare, and for a core config column left out: a
+    row must say each of its settings (None where one does not apply), or the report could pool it wrongly.
+    """
+    unknown = sorted(set(values) - set(BY_NAME))
+    if unknown:
+        raise ValueError(f"result row has undeclared columns {unknown}: declare them in ddim_lab.schema.SCHEMA")
+    missing = [c.name for c in SCHEMA if c.core and c.role == CONFIG and c.name not in values]
+    if missing:
+        raise ValueError(f"result row leaves out the config columns {missing} (None where one does not apply)")
+    return {c.name: values.get(c.name) for c in SCHEMA if c.core or c.name in values}

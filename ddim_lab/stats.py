@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ddim_lab.schema import IMAGE, PROTOCOL
+from ddim_lab.schema import IMAGE, PROTOCOL, QUALIFIES
 
 METHODS = ("percentile", "bca")
 
@@ -233,6 +233,17 @@ def _cell(v) -> str:
     return "n/a" if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else str(v)
 
 
+def _levels(df: pd.DataFrame, key: str, qualifiers: list[str]) -> pd.Series:
+    """Each row's value of ``key`` as text, its qualifiers' values appended where one value of ``key`` comes
+    with several of them (two ``fixed_point`` runs of different ``iters`` are two levels)."""
+    level = df[key].map(_cell)
+    for q in qualifiers:
+        text = df[q].map(_cell)
+        several = text.groupby(level).transform("nunique") > 1
+        level = level.where(~several, level + " " + text)
+    return level
+
+
 def paired_comparisons(
     df: pd.DataFrame,
     key: str,
@@ -267,17 +278,19 @@ def paired_comparisons(
         return pd.DataFrame(columns=columns)
     if key == PROTOCOL:
         raise ValueError("rows of different protocols are not comparable: refusing to pair across protocols")
-    strata = [k for k in keys if k != key]
+    qualifiers = [k for k in keys if QUALIFIES.get(k) == key]  # e.g. inverter_knobs when comparing inverters
+    strata = [k for k in keys if k != key and k not in qualifiers]
+    levels = _levels(df, key, qualifiers)  # (rows,) each row's level of ``key``, as text
     try:
-        distinct = df[key].drop_duplicates().sort_values(na_position="last")
+        rank = df[key].rank(method="dense", na_option="bottom")
     except TypeError:  # mixed types: sort as text
-        distinct = df[key].drop_duplicates().astype(str).sort_values()
-    ordered = list(dict.fromkeys(distinct.map(_cell)))
+        rank = df[key].astype(str).rank(method="dense", na_option="bottom")
+    ordered = list(dict.fromkeys(pd.DataFrame({"r": rank, "l": levels}).sort_values(["r", "l"])["l"]))
     base = _cell(baseline) if baseline is not None else (ordered[0] if ordered else None)
     if base not in ordered:
         raise ValueError(f"baseline {baseline!r} is not a value of {key!r} (values: {', '.join(ordered)})")
     work = df[metrics].apply(pd.to_numeric, errors="coerce").astype("float64")
-    work["__level"] = df[key].map(_cell).to_numpy()  # text: a missing value is a level too
+    work["__level"] = levels.to_numpy()  # text: a missing value is a level too
     work["__unit"] = df[pair_on].astype(str).to_numpy()
     if strata:
         work = work.join(df[strata])

@@ -10,14 +10,19 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from ddim_lab import schema
 from ddim_lab.config import as_list
 from ddim_lab.ddim import sample
-from ddim_lab.denoiser import Conditioning
+from ddim_lab.inversion import make_plan
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
-from ddim_lab.schedule import exact_plan
 
 log = logging.getLogger(__name__)
+
+
+def sample_label(seed: int, eta: float, guidance: float, steps: int) -> str:
+    """The header of a sample grid's column: its seed and the settings that made it."""
+    return f"seed {seed}, eta={eta:g}, guidance={guidance:g}, {steps} steps"
 
 
 def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) -> pd.DataFrame:
@@ -30,16 +35,10 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
     prompts = [p for p in as_list(cfg.prompt) for _ in range(cfg.num_images)]
     (guidance,) = as_list(cfg.guidance_scale)
     scheduler = model.scheduler(**cfg.scheduler.overrides)
-    plan = exact_plan(scheduler, cfg.num_steps)
-    unet = model.pipe.unet.config
-    size = model.resolution // model.pipe.vae_scale_factor
+    plan = make_plan("ddim", scheduler, cfg.num_steps)  # the model's own sampling steps (DDIM or flow)
     gens = [torch.Generator().manual_seed(int(cfg.seed) + j % cfg.num_images) for j in range(len(prompts))]
-    x = torch.stack([torch.randn(unet.in_channels, size, size, generator=g) for g in gens])  # (B, C, h, w)
-    cond = Conditioning(
-        text=model.embed(prompts),
-        null=model.embed([cfg.negative_prompt] * len(prompts)),
-        guidance=torch.full((len(prompts),), float(guidance)),
-    )
+    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens])  # (B, C, h, w)
+    cond = model.conditioning(prompts, [float(guidance)] * len(prompts), cfg.negative_prompt)
     denoiser = model.denoiser(scheduler)
     out = sample(
         denoiser,
@@ -53,27 +52,31 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
     )
     images = model.decode(out)
     seconds = (time.perf_counter() - start) / len(prompts)
+    shared = schema.config_values(cfg) | {
+        "edit_prompt": None,  # no inversion, no edit, no metric against an input: those settings do not apply
+        "inverter": None,
+        "inverter_knobs": None,
+        "inversion_guidance_scale": None,
+        "lpips_net": None,
+        "guidance_scale": float(guidance),
+        "start_step": 0,
+        "unet_evals": cfg.num_steps * (1 if guidance in (0, 1) else 2),
+        "seconds": seconds,
+    }
     rows = [
-        {
-            "image": f"sample_{j:03d}",
-            "prompt": p,
-            "task": "sample",
-            "model": cfg.model.name,
-            "scheduler": cfg.scheduler.name,
-            "inverter": None,
-            "num_steps": cfg.num_steps,
-            "guidance_scale": float(guidance),
-            "start_step": 0,
-            "eta": float(cfg.eta),
-            "seed": int(cfg.seed) + j % cfg.num_images,
-            "dtype": cfg.runtime.dtype,
-            "unet_evals": cfg.num_steps * (1 if guidance in (0, 1) else 2),
-            "seconds": seconds,
-        }
+        schema.row(
+            **shared | {"image": f"sample_{j:03d}", "prompt": p, "seed": int(cfg.seed) + j % cfg.num_images}
+        )
         for j, p in enumerate(prompts)
     ]
     table = write_results(rows, run_dir)
-    columns = [(f"seed {int(cfg.seed) + j}", images[j :: cfg.num_images]) for j in range(cfg.num_images)]
+    columns = [
+        (
+            sample_label(int(cfg.seed) + j, float(cfg.eta), float(guidance), cfg.num_steps),
+            images[j :: cfg.num_images],
+        )
+        for j in range(cfg.num_images)
+    ]
     grid = save_grid(run_dir / "samples.png", columns, as_list(cfg.prompt))
     for j, image in enumerate(images):
         save_grid(run_dir / f"sample_{j:03d}.png", [("", image[None])], [""], min_cell=model.resolution)
@@ -94,18 +97,23 @@ def alpha_plot(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     from matplotlib.figure import Figure
     from omegaconf import OmegaConf
 
+    from ddim_lab.flow import flow_alpha, is_flow_scheduler
     from ddim_lab.inversion import make_inverter
-    from ddim_lab.models.loading import load_scheduler_config
-    from ddim_lab.schedule import ddim_scheduler
+    from ddim_lab.models.loading import config_scheduler
 
-    scheduler = ddim_scheduler(load_scheduler_config(cfg.model, cfg.cache.dir), **cfg.scheduler.overrides)
+    scheduler = config_scheduler(cfg.model, cfg.scheduler.overrides, cfg.cache.dir)
     plan = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True)).plan(scheduler, cfg.num_steps)
-    ac = scheduler.alphas_cumprod
+    if is_flow_scheduler(scheduler):  # a flow model: ᾱ(σ) of ddim_lab.flow at t = σ · 1000
+        t_all = torch.linspace(0, 1000, 1001, dtype=torch.float64)
+        ac = flow_alpha(t_all / 1000)
+    else:
+        ac = scheduler.alphas_cumprod
+        t_all = torch.arange(len(ac))
     table = pd.DataFrame({"timestep": plan.timesteps.numpy(), "alpha_cumprod": plan.alpha.numpy()})
     table.to_csv(run_dir / "alphas.csv", index=False)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    ax.plot(range(len(ac)), ac.numpy(), color="0.7", label="ᾱ_t, all timesteps")
+    ax.plot(t_all.numpy(), ac.numpy(), color="0.7", label="ᾱ_t, all timesteps")
     ax.plot(
         table.timestep,
         table.alpha_cumprod,

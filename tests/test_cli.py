@@ -275,3 +275,30 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path):
     assert [int(t.num_steps[0]) for t in tables] == [10, 20]
     pids = {json.loads((sweep / str(i) / "job.json").read_text())["pid"] for i in range(2)}
     assert len(pids) == 2 and (sweep / ".submitit").is_dir()
+
+
+def test_pie_editing_sweep_then_report_with_pairs_and_figures(tmp_path):
+    """The benchmark path end to end, written as a user types it (``-m`` after some overrides): p2p edits of the
+    digits mini-benchmark by two inverters, then a report with intervals, a paired comparison and figures."""
+    sweep = tmp_path / "sweep"
+    proc = ddim_lab(
+        [
+            "data=digits-pie",
+            "data.categories=[1]",
+            "task=edit",
+            "editor=p2p",
+            "num_steps=5",
+            "-m",
+            "inverter=ddim,null_text",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "report"
+    proc = ddim_lab([str(sweep), "--out", str(out), "--figures"], tmp_path, module="ddim_lab.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paired = (out / "paired.md").read_text()
+    assert "null_text" in paired and "ddim" in paired and "(no pairs)" not in paired
+    assert "[" in (out / "intervals.md").read_text()  # means with their intervals
+    assert list(out.glob("*.png")) or list((out / "figures").glob("*.png"))

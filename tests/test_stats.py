@@ -110,6 +110,22 @@ def test_paired_detects_a_shift_per_stratum_and_pairs_only_shared_images():
     pd.testing.assert_frame_equal(out, again)  # deterministic
 
 
+def test_paired_compares_methods_across_their_knobs_and_tells_knob_values_apart():
+    # each inverter has its own knobs (a qualifier column): the comparison must still pair ddim with null_text
+    df = _paired_frame(1.0)
+    df["inverter_knobs"] = np.where(df.inverter == "ddim", "{}", '{"inner_steps": 10}')
+    keys = ["inverter", "inverter_knobs"]
+    out = paired_comparisons(df, "inverter", keys, ["psnr"], Bootstrap(resamples=200))
+    assert list(out[["baseline", "other", "pairs"]].iloc[0]) == ["ddim", "null_text", 30]
+    # two knob values of one method are two levels, labelled by their knobs
+    more = df[df.inverter == "null_text"].assign(inverter_knobs='{"inner_steps": 2}')
+    more["psnr"] += 5.0
+    out = paired_comparisons(pd.concat([df, more]), "inverter", keys, ["psnr"], Bootstrap(resamples=200))
+    assert sorted(out["other"]) == ['null_text {"inner_steps": 10}', 'null_text {"inner_steps": 2}']
+    shift = out.set_index("other")["diff_mean"]
+    assert shift['null_text {"inner_steps": 2}'] - shift['null_text {"inner_steps": 10}'] == pytest.approx(5.0)
+
+
 def test_paired_baseline_choice_and_errors():
     df = _paired_frame(1.0)
     out = paired_comparisons(

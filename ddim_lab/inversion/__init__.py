@@ -25,6 +25,11 @@ INVERTERS: dict[str, str] = {
     "fixed_point": "ddim_lab.inversion.fixed_point:FixedPointInversion",
     "edit_friendly": "ddim_lab.inversion.edit_friendly:EditFriendlyInversion",
     "direct": "ddim_lab.inversion.direct:DirectInversion",
+    "flow_euler": "ddim_lab.inversion.flow_euler:FlowEulerInversion",
+    "rf_solver": "ddim_lab.inversion.rf_solver:RFSolverInversion",
+    "fireflow": "ddim_lab.inversion.fireflow:FireFlowInversion",
+    "uni_inv": "ddim_lab.inversion.uni_inv:UniInvInversion",
+    "rf_inversion": "ddim_lab.inversion.rf_inversion:RFInversion",
 }
 
 

@@ -26,6 +26,7 @@ from diffusers import DDIMScheduler
 
 from ddim_lab.ddim import Denoiser
 from ddim_lab.denoiser import Conditioning
+from ddim_lab.flow import flow_plan, flow_sigmas, is_flow_scheduler
 from ddim_lab.schedule import Plan, exact_plan
 
 Artifact = dict[str, torch.Tensor]  # name → (B, ...) one row per image
@@ -95,6 +96,10 @@ class Inverter:
     sampling_knobs: ClassVar[tuple[str, ...]] = ()  # knobs left out of the artifact's key
 
     def plan(self, scheduler: DDIMScheduler, num_steps: int) -> Plan:
+        """The exact plan: DDIM's (t, t_prev) pairs, or for a flow model's ``FlowMatchEulerDiscreteScheduler``
+        the sigmas its own pipeline steps (``ddim_lab.flow.flow_sigmas``) as a flow plan."""
+        if is_flow_scheduler(scheduler):
+            return flow_plan(flow_sigmas(scheduler, num_steps))
         return exact_plan(scheduler, num_steps)
 
     def valid_starts(self, plan: Plan) -> list[int]:

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from diffusers import DDIMScheduler
 
+from ddim_lab.flow import is_flow_scheduler
 from ddim_lab.inversion.ddim import DDIMInversion
 from ddim_lab.schedule import Plan, sampling_steps
 
@@ -49,6 +50,11 @@ class CourseInversion(DDIMInversion):
     )
 
     def plan(self, scheduler: DDIMScheduler, num_steps: int) -> Plan:
+        if is_flow_scheduler(scheduler):
+            raise ValueError(
+                "inverter=course replays the DDIM notebook's timestep schedule, which a flow model"
+                " (FlowMatchEulerDiscreteScheduler) does not have; use inverter=ddim"
+            )
         return plan(scheduler, num_steps)
 
     def check(self, num_steps: int, start_steps: Sequence[int], eta: float) -> None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ddim_lab.ddim import Denoiser, ddim_step, march, predict, sample
+from ddim_lab.ddim import Denoiser, ddim_step, march, predict
 from ddim_lab.inversion.base import SampleRows, trajectory_start
 from ddim_lab.inversion.ddim import DDIMInversion
 from ddim_lab.schedule import Plan
@@ -37,6 +37,7 @@ class DirectInversion(DDIMInversion):
     def key(self) -> dict[str, Any]:
         return DDIMInversion().key()  # the artifact is exactly DDIM's
 
+    @torch.no_grad()
     def sample(
         self,
         denoiser: Denoiser,
@@ -47,46 +48,22 @@ class DirectInversion(DDIMInversion):
         progress: bool = False,
     ) -> torch.Tensor:
         x = trajectory_start(rows.artifact, plan, rows.start)  # (B, C, H, W)
-        out = torch.empty_like(x)
-        edit, source = rows.edit.nonzero().flatten(), (~rows.edit).nonzero().flatten()
-        if len(edit):  # 1. target branch: free DDIM sampling with the target prompt
-            out[edit] = sample(
-                denoiser,
-                x[edit],
-                plan,
-                rows.cond[edit],
-                rows.start[edit],
-                batch_size=batch_size,
-                progress=progress,
-            )
-        if len(source):  # 2. source branch: DDIM step, then the correction onto the pivot
-            out[source] = self.follow_pivot(denoiser, plan, x[source], rows, source, batch_size, progress)
-        return out
-
-    @torch.no_grad()
-    def follow_pivot(
-        self,
-        denoiser: Denoiser,
-        plan: Plan,
-        x: torch.Tensor,
-        rows: SampleRows,
-        which: torch.Tensor,
-        batch_size: int | None,
-        progress: bool,
-    ) -> torch.Tensor:
-        pivot = rows.artifact["trajectory"][which]  # (b, N+1, C, H, W)
-        cond = rows.cond[which]
+        pivot = rows.artifact["trajectory"]  # (B, N+1, C, H, W)
+        on_pivot = (~rows.edit).to(x.device)  # source branches (reconstructions) follow the pivot
 
         def step(i: int, r: torch.Tensor, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # both branches in one call (an editor pairs a target with its source in the same UNet call)
             n = len(r)
             t = plan.timesteps[i].expand(n).to(s["x"].device)
-            pred = predict(denoiser, s["x"], t, cond[r])
+            pred = predict(denoiser, s["x"], t, rows.cond[r])
+            # 1. target branch: free DDIM sampling with the target prompt
             landed = ddim_step(
                 s["x"], pred.eps, plan.alpha[i].expand(n), plan.alpha_next[i].expand(n), x0=pred.x0
             )
-            target = pivot[r.to(pivot.device), int(plan.start_index[i]) - 1]  # the pivot one level cleaner
-            correction = target - landed  # (n, C, H, W): Direct inversion's per-step offset
+            # 2. source branch: the correction onto the pivot one level cleaner (Direct inversion's offset)
+            target = pivot[r.to(pivot.device), int(plan.start_index[i]) - 1].to(landed)
+            correction = torch.where(on_pivot[r.to(x.device)].view(-1, 1, 1, 1), target - landed, 0.0)
             return {"x": landed + correction}
 
-        start = rows.start[which]
-        return march({"x": x}, plan.num_steps, step, start, batch_size, desc="direct", progress=progress)["x"]
+        out = march({"x": x}, plan.num_steps, step, rows.start, batch_size, desc="direct", progress=progress)
+        return out["x"]

@@ -64,7 +64,7 @@ def check_exact_plan(plan: Plan, name: str) -> None:
     if bool((plan.alpha <= 0).any()):
         raise ValueError(
             f"inverter={name} writes each step as a·z + b·ε, which needs ᾱ > 0; this schedule reaches ᾱ = 0"
-            " (zero terminal SNR)"
+            " (zero terminal SNR; every flow model's schedule starts at σ = 1, where ᾱ = 0)"
         )
 
 

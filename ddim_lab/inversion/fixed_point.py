@@ -16,7 +16,12 @@ an implicit equation: ε is wanted at the unknown noisier latent. Plain DDIM inv
        evaluation: it damps the oscillation of a fixed-point sequence that does not contract fast).
 
 The fixed point of (1) makes the DDIM sampling step from z land exactly on z', so the round trip is exact up
-to the convergence of the iteration. Artifact: ``trajectory`` (B, N+1, C, H, W) like ``inverter=ddim`` and
+to the convergence of the iteration. At ᾱ_i = 0 (a flow model's σ = 1, zero terminal SNR) ε(z) = z, so (1)
+holds for any z; there the step solves the x̂₀ form of the same sampling step instead (the network gives x̂₀):
+
+    z = (z' − √ᾱ_next · x̂₀(z, t_i)) / √(1 − ᾱ_next).                                                 (1')
+
+Artifact: ``trajectory`` (B, N+1, C, H, W) like ``inverter=ddim`` and
 ``residual`` (B, N): per inversion step j (cleanest first), the root mean square of step_up(z'; ε(z)) − z
 for the last iterate z whose ε was evaluated (z' itself for iters = 0): the fixed-point residual of (1),
 free to record (the returned latent is one more application of (1); its own residual would cost one more
@@ -32,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from ddim_lab.ddim import Denoiser, ddim_step, march, predict
+from ddim_lab.ddim import Denoiser, Prediction, ddim_step, march, predict
 from ddim_lab.denoiser import Conditioning
 from ddim_lab.inversion.base import Artifact, Cost, InvertContext, evals_per_step
 from ddim_lab.inversion.ddim import DDIMInversion
@@ -79,15 +84,29 @@ class FixedPointInversion(DDIMInversion):
             t = plan.inv_timesteps[j].expand(n).to(z_clean.device)  # (n,)
             a_from, a_to = plan.inv_alpha_from[j].expand(n), plan.inv_alpha_to[j].expand(n)
             c = cond[rows]
+            # ᾱ_to = 0 (a flow model's σ = 1): ε(z) = z there, so (1) holds for every z; (1') instead
+            top = bool(plan.inv_alpha_to[j] == 0 and plan.inv_alpha_from[j] < 1)
 
-            def step_up(eps: torch.Tensor) -> torch.Tensor:  # the right-hand side of (1)
-                return ddim_step(z_clean, eps, a_from, a_to)
+            def step_up(
+                pred: torch.Tensor,
+            ) -> torch.Tensor:  # the right-hand side of (1), or of (1') at the top
+                if top:
+                    a = a_from[0].item()
+                    return (z_clean - a**0.5 * pred) / (1 - a) ** 0.5
+                return ddim_step(z_clean, pred, a_from, a_to)
+
+            def part(p: Prediction) -> torch.Tensor:  # what step_up reads: ε, or x̂₀ at the top
+                if top and p.x0 is None:
+                    raise ValueError(
+                        "inverter=fixed_point reaches ᾱ = 0, where it needs a denoiser that gives x̂₀"
+                    )
+                return p.x0 if top else p.eps
 
             # 1.–2. z^{k+1} = step_up(z'; ε(z^k)), starting from the guess z = z' (plain DDIM inversion)
             z = z_clean
-            recent: deque[torch.Tensor] = deque(maxlen=self.average)  # the last ε predictions (n, C, H, W)
+            recent: deque[torch.Tensor] = deque(maxlen=self.average)  # the last ε (x̂₀) predictions (n, C, H, W)
             for _ in range(self.iters + 1):
-                eps = predict(denoiser, z, t, c).eps  # ε(z^k, t_i): (n, C, H, W)
+                eps = part(predict(denoiser, z, t, c))  # ε(z^k, t_i) (x̂₀ at the top): (n, C, H, W)
                 recent.append(eps)
                 z_next = step_up(eps)
                 residual = rms(z_next - z)  # (n,) fixed-point residual of z^k

@@ -44,7 +44,7 @@ class NegativePromptInversion(DDIMInversion):
         progress: bool = False,
     ) -> torch.Tensor:
         guidance = torch.where(rows.edit, rows.cond.guidance, torch.ones_like(rows.cond.guidance))
-        cond = replace(rows.cond, null=rows.source.text, guidance=guidance)
+        cond = replace(rows.cond.with_null_from(rows.source), guidance=guidance)
         return super().sample(denoiser, plan, replace(rows, cond=cond), eta, batch_size, progress)
 
     def sampling_cost(self, plan: Plan, start: int, guidance: float, edit: bool) -> Cost:

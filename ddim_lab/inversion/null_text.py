@@ -55,12 +55,20 @@ log = logging.getLogger(__name__)
 
 
 def _branch(
-    denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, extra: dict[str, torch.Tensor]
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    extra: dict[str, torch.Tensor],
+    null: bool = False,
 ) -> Prediction:
-    """One unguided prediction with ``embeds`` (n, L, D) as the prompt: one UNet row per latent. ``extra``:
-    the rows' further conditioning (a ControlNet's control images)."""
-    ones = torch.ones(len(x), dtype=torch.float32, device=x.device)
-    return predict(denoiser, x, t, Conditioning(text=embeds, null=None, guidance=ones, extra=extra))
+    """One unguided prediction with ``embeds`` (n, L, D) as the prompt (``null``: as the null prompt, i.e.
+    guidance 0, so a flow model pairs it with the null pooled embedding): one UNet row per latent. ``extra``:
+    the rows' further conditioning (a ControlNet's control images, a flow model's pooled embeddings)."""
+    g = torch.full((len(x),), 0.0 if null else 1.0, dtype=torch.float32, device=x.device)
+    return predict(
+        denoiser, x, t, Conditioning(text=embeds, null=embeds if null else None, guidance=g, extra=extra)
+    )
 
 
 def _guide(null: Prediction, text: Prediction | None, g: float) -> Prediction:
@@ -196,7 +204,7 @@ class NullTextInversion(Inverter):
             with torch.enable_grad():
                 embeds = torch.stack([leaves[b] for b in active])  # (a, L, D)
                 extra = {k: v[idx.to(v.device)] for k, v in cond.extra.items()}
-                null_pred = _branch(denoiser, z[idx], t[idx], embeds, extra)
+                null_pred = _branch(denoiser, z[idx], t[idx], embeds, extra, null=True)
                 guided = _guide(null_pred, _take(text_pred, idx), g)
                 z_prev = ddim_step(z[idx], guided.eps, a[idx.cpu()], a_next[idx.cpu()], x0=guided.x0)
                 # Eq. 3: ‖z*_{t−1} − z_{t−1}(z̄_t, ∅_t, C)‖² (MSE per image; the sum keeps each image's gradient)
@@ -213,7 +221,7 @@ class NullTextInversion(Inverter):
         # 2c. z̄_{t−1} with the optimised ∅_t (the conditional ε reused)
         new_null = torch.stack([leaf.detach() for leaf in leaves])  # (n, L, D)
         with torch.no_grad():
-            guided = _guide(_branch(denoiser, z, t, new_null, cond.extra), text_pred, g)
+            guided = _guide(_branch(denoiser, z, t, new_null, cond.extra, null=True), text_pred, g)
             z_next = ddim_step(z, guided.eps, a, a_next, x0=guided.x0)
         return z_next, new_null, used
 

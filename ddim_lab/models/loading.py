@@ -1,13 +1,19 @@
-"""Load a Stable-Diffusion-format model, whatever its source, through diffusers' ``from_pretrained``.
+"""Load a diffusers text-to-image model, whatever its source, through its pipeline's ``from_pretrained``.
+
+Families: ``sd`` (``StableDiffusionPipeline``: a UNet, DDIM schedules), and the rectified-flow families
+``sd3`` (``StableDiffusion3Pipeline``) and ``flux`` (``FluxPipeline``), which run through the same DDIM engine
+via ``ddim_lab.flow`` (``FlowModel``). The family comes from the model config's ``family`` key or from the
+``_class_name`` in the directory's ``model_index.json``.
 
 Sources: ``hub`` (a model id, from the local Hugging Face cache or the network), ``local`` (a diffusers
-directory), ``digits`` (the model shipped inside this package), ``build`` (random weights from committed
-architecture configs, saved once and loaded back like any other model).
+directory), ``digits`` / ``digits-flow`` (the models shipped inside this package), ``build`` (random weights
+from committed architecture configs, saved once and loaded back like any other model).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -15,13 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.denoiser import UNetDenoiser
+from ddim_lab.denoiser import Conditioning, UNetDenoiser
+from ddim_lab.flow import flow_scheduler
+from ddim_lab.flow_denoiser import FlowDenoiser
 from ddim_lab.models.build import built_model_dir
 from ddim_lab.schedule import ddim_scheduler
 
@@ -31,6 +39,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_HOST = ("huggingface.co", 443)
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")  # weights, configs, tokenizer files
 MIB = 1 << 20
+PIPELINES = {"sd": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+FAMILY_OF_PIPELINE = {cls.__name__: family for family, cls in PIPELINES.items()}
 
 
 class ModelUnavailable(RuntimeError):
@@ -48,9 +58,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def shipped_model_dir() -> Path:
-    """The digits model inside the installed package."""
-    return Path(str(resources.files("ddim_lab") / "assets" / "digits-ldm"))
+def shipped_model_dir(name: str = "digits-ldm") -> Path:
+    """A model inside the installed package: the digits UNet model (``digits-ldm``) or its flow twin
+    (``digits-flow``)."""
+    return Path(str(resources.files("ddim_lab") / "assets" / name))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -96,34 +107,73 @@ def model_dir(spec: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
                 f"model.path={spec.get('path')!r} is not a diffusers directory (no model_index.json)"
             )
         return path
-    if source == "digits":
-        path = shipped_model_dir()
+    if source in SHIPPED:
+        path = shipped_model_dir(SHIPPED[source])
         if not (path / "model_index.json").exists():
-            raise ModelUnavailable(f"the shipped digits model is missing from {path}; reinstall ddim_lab")
+            raise ModelUnavailable(f"the shipped {source} model is missing from {path}; reinstall ddim_lab")
         return path
     if source == "build":
         return built_model_dir(spec["arch"], spec["words"], spec.get("seed", 0), Path(cache_dir) / "models")
-    raise ValueError(f"unknown model source {source!r} (hub, local, digits, build)")
+    raise ValueError(f"unknown model source {source!r} (hub, local, {', '.join(SHIPPED)}, build)")
+
+
+SHIPPED = {"digits": "digits-ldm", "digits-flow": "digits-flow"}  # source → folder under ddim_lab/assets
+
+
+def model_family(spec: Mapping[str, Any], path: Path) -> str:
+    """``sd``, ``sd3`` or ``flux``: the config's ``family`` key, else the pipeline class in model_index.json."""
+    if spec.get("family"):
+        if spec["family"] not in PIPELINES:
+            raise ValueError(f"model.family={spec['family']!r} must be one of {', '.join(PIPELINES)}")
+        return spec["family"]
+    try:
+        name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(f"cannot read {path / 'model_index.json'}: {err}") from err
+    if name not in FAMILY_OF_PIPELINE:
+        raise ModelUnavailable(
+            f"{path} holds a {name or 'pipeline without _class_name'}; ddim_lab loads"
+            f" {', '.join(FAMILY_OF_PIPELINE)} (or set model.family)"
+        )
+    return FAMILY_OF_PIPELINE[name]
 
 
 @dataclass
 class LatentModel:
-    """A loaded SD-format pipeline with the few operations the lab needs."""
+    """A loaded SD-format pipeline with the few operations the lab needs (``FlowModel``: SD3 and FLUX)."""
 
-    pipe: StableDiffusionPipeline
+    pipe: Any  # a StableDiffusionPipeline here; StableDiffusion3Pipeline or FluxPipeline in FlowModel
     name: str
     resolution: int
     device: torch.device
     dtype: torch.dtype
     revision: str = ""  # hub commit, or a fingerprint of the weight files (part of the inversion cache key)
-    _embeds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _embeds: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     controlnet: Any = None  # a diffusers ControlNetModel (attach_controlnet); the denoiser adds its residuals
     controlnet_scale: float = 1.0
     controlnet_revision: str = ""  # fingerprint of the ControlNet weights (part of the inversion cache key)
 
+    family: ClassVar[str] = "sd"
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network: the UNet here, the transformer in ``FlowModel``."""
+        return self.pipe.unet
+
     @property
     def scaling_factor(self) -> float:
         return float(self.pipe.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's latent shift (SD3, FLUX); 0 for Stable Diffusion 1/2."""
+        return float(self.pipe.vae.config.get("shift_factor") or 0.0)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent at the model's resolution."""
+        size = self.resolution // self.pipe.vae_scale_factor
+        return int(self.pipe.vae.config.latent_channels), size, size
 
     @property
     def prediction_type(self) -> str:
@@ -136,10 +186,10 @@ class LatentModel:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, R, R) in [0, 1] → latents (B, 4, R/f, R/f): posterior mean × scaling factor."""
+        """Images (B, 3, R, R) in [0, 1] → latents (B, C, R/f, R/f): (posterior mean − shift) × scale."""
         vae = self.pipe.vae
         x = (images * 2 - 1).to(self.device, vae.dtype)
-        return (vae.encode(x).latent_dist.mean * self.scaling_factor).float()
+        return ((vae.encode(x).latent_dist.mean - self.shift_factor) * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -148,18 +198,50 @@ class LatentModel:
         vae = self.pipe.vae
         out = []
         for part in latents.split(chunk):
-            x = vae.decode((part / self.scaling_factor).to(self.device, vae.dtype)).sample
+            x = vae.decode((part / self.scaling_factor + self.shift_factor).to(self.device, vae.dtype)).sample
             out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt encoding of distinct prompts: ``{"text": (B, L, D)}`` (flow models add
+        ``"pooled"``)."""
+        return {"text": self.pipe.encode_prompt(prompts, self.device, 1, False)[0]}
+
     @torch.no_grad()
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, 77, D) for prompts, each distinct prompt encoded once."""
+    def prompt_parts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each part of the prompts' encoding, stacked per row (``text`` (B, L, D), ...); every distinct
+        prompt is encoded once per model."""
         missing = sorted({p for p in prompts if p not in self._embeds})
         if missing:
-            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
-            self._embeds.update({p: e for p, e in zip(missing, embeds.float(), strict=True)})
-        return torch.stack([self._embeds[p] for p in prompts])
+            parts = self.encode_prompts(missing)
+            for j, p in enumerate(missing):
+                self._embeds[p] = {k: v[j].float() for k, v in parts.items()}
+        return {k: torch.stack([self._embeds[p][k] for p in prompts]) for k in self._embeds[prompts[0]]}
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D) for prompts (L = 77 for Stable Diffusion)."""
+        return self.prompt_parts(prompts)["text"]
+
+    def conditioning(
+        self,
+        prompts: list[str],
+        guidance: list[float],
+        negative_prompt: str = "",
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> Conditioning:
+        """Row-aligned conditioning of prompts at per-row guidance: the prompt and null (``negative_prompt``)
+        embeddings, and every further part of the encoding in ``extra`` (``pooled`` / ``null_pooled`` for
+        flow models) beside the caller's own ``extra`` (a ControlNet's control images)."""
+        text = self.prompt_parts(prompts)
+        null = self.prompt_parts([negative_prompt] * len(prompts))
+        parts = {k: v for k, v in text.items() if k != "text"}
+        parts.update({f"null_{k}": v for k, v in null.items() if k != "text"})
+        return Conditioning(
+            text=text["text"],
+            null=null["text"],
+            guidance=torch.tensor([float(g) for g in guidance], dtype=torch.float32),
+            extra={**(extra or {}), **parts},
+        )
 
     def denoiser(self, scheduler: DDIMScheduler | None = None) -> UNetDenoiser:
         """The UNet as a denoiser on ``scheduler``'s ᾱ and prediction type — pass the scheduler the plan was
@@ -174,6 +256,65 @@ class LatentModel:
         )
 
 
+class FlowModel(LatentModel):
+    """A rectified-flow pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``) in the lab's interface: its
+    ``FlowMatchEulerDiscreteScheduler`` plans the steps (``ddim_lab.flow``), ``FlowDenoiser`` predicts.
+
+    ``guidance``: ``cfg`` (classifier-free guidance on the velocity) or ``embedded`` (the guidance-distilled
+    FLUX.1-dev: each row's guidance scale is a transformer input, one pass per row).
+    """
+
+    def __init__(self, *args: Any, family: str = "sd3", guidance: str = "cfg", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.family = family  # type: ignore[misc]  # instance value shadows the class default
+        self.guidance = guidance
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def image_seq_len(self) -> int:
+        """Image tokens the transformer sees at the model's resolution (what resolution shifting reads)."""
+        _, h, w = self.latent_shape
+        patch = 2 if self.family == "flux" else int(self.network.config.patch_size)  # FLUX packs 2×2
+        return (h // patch) * (w // patch)
+
+    def scheduler(self, **overrides: Any):
+        """The model's ``FlowMatchEulerDiscreteScheduler`` with overrides, knowing its pipeline's sigma
+        spacing and (dynamic shifting) the μ of this resolution."""
+        spacing = "flux" if self.family == "flux" else "scheduler"
+        return flow_scheduler(self.pipe.scheduler.config, self.image_seq_len, spacing, **overrides)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``text`` (B, L, D) and ``pooled`` (B, P), as the pipeline's ``encode_prompt`` gives them (SD3: CLIP
+        pair + T5 or its zeros, L = 77 + 256; FLUX: T5, L = 512, pooled CLIP)."""
+        if self.family == "flux":
+            text, pooled, _ = self.pipe.encode_prompt(
+                prompts, None, device=self.device, num_images_per_prompt=1
+            )
+        else:
+            text, _, pooled, _ = self.pipe.encode_prompt(
+                prompts,
+                None,
+                None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        return {"text": text, "pooled": pooled}
+
+    def denoiser(self, scheduler: Any = None) -> FlowDenoiser:
+        """The transformer as a velocity denoiser (the plan carries the schedule; ``scheduler`` is unused)."""
+        if self.controlnet is not None:
+            raise ValueError("ControlNets are UNet-only; flow models (SD3, FLUX) run without controlnet=")
+        return FlowDenoiser(self.network, self.family, self.guidance)
+
+
 def load_model(
     spec: Mapping[str, Any], runtime: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike = ".cache"
 ) -> LatentModel:
@@ -185,28 +326,43 @@ def load_model(
     dtype = DTYPES[runtime.get("dtype", "fp32")]
     device = resolve_device(runtime.get("device", "auto"))
     path = model_dir(spec, cache_dir)
-    log.info("loading model %s from %s (%s, %s)", spec["name"], path, device, dtype)
+    family = model_family(spec, path)
+    log.info("loading %s model %s from %s (%s, %s)", family, spec["name"], path, device, dtype)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        pipe = PIPELINES[family].from_pretrained(path, dtype=dtype, **_pipeline_kwargs(family, spec, path))
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not load model {spec['name']} from {path}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)  # inference; inverters that optimise (null-text) differentiate inputs only
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(
+                False
+            )  # inference; inverters that optimise (null-text) differentiate inputs only
     if runtime.get("vae_fp32", True) and dtype != torch.float32:
         pipe.vae.to(torch.float32)
-    _apply_knobs(pipe, runtime, device)
-    resolution = int(spec.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    return LatentModel(
-        pipe=pipe,
-        name=spec["name"],
-        resolution=resolution,
-        device=device,
-        dtype=dtype,
-        revision=fingerprint(path),
-    )
+    network = "unet" if family == "sd" else "transformer"
+    _apply_knobs(pipe, runtime, device, network)
+    # the pipeline's default size (FluxPipeline: 128 latents; the others: the network's sample_size)
+    sample_size = getattr(pipe, "default_sample_size", None) or getattr(pipe, network).config.sample_size
+    resolution = int(spec.get("resolution") or sample_size * pipe.vae_scale_factor)
+    common = dict(pipe=pipe, name=spec["name"], resolution=resolution, device=device, dtype=dtype)
+    if family == "sd":
+        return LatentModel(**common, revision=fingerprint(path))
+    guidance = spec.get("guidance") or ("embedded" if pipe.transformer.config.get("guidance_embeds") else "cfg")
+    return FlowModel(**common, revision=fingerprint(path), family=family, guidance=guidance)
+
+
+def _pipeline_kwargs(family: str, spec: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``from_pretrained`` arguments per family: no safety checker for SD; SD3 without T5 when ``model.t5``
+    is false or the directory has none (its pipeline then feeds zeros in T5's place)."""
+    if family == "sd":
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if family == "sd3":
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        has_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+        if not (spec.get("t5", True) and has_t5):
+            return {"text_encoder_3": None, "tokenizer_3": None}
+    return {}
 
 
 def fingerprint(path: Path) -> str:
@@ -236,21 +392,22 @@ def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def _apply_knobs(pipe: StableDiffusionPipeline, runtime: Mapping[str, Any], device: torch.device) -> None:
-    """GPU knobs: attention backend, channels_last, torch.compile, model CPU offload."""
+def _apply_knobs(pipe: Any, runtime: Mapping[str, Any], device: torch.device, network: str = "unet") -> None:
+    """GPU knobs: attention backend, channels_last, torch.compile of the ``network`` (``unet`` or
+    ``transformer``), model CPU offload."""
     attention = runtime.get("attention", "sdpa")
     if attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()  # raises clearly when xformers is not installed
     elif attention != "sdpa":
         raise ValueError(f"runtime.attention must be sdpa or xformers, got {attention!r}")
     if runtime.get("channels_last", False):
-        pipe.unet.to(memory_format=torch.channels_last)
+        getattr(pipe, network).to(memory_format=torch.channels_last)
     if runtime.get("cpu_offload", False):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     if runtime.get("compile", False):
-        pipe.unet = torch.compile(pipe.unet)
+        setattr(pipe, network, torch.compile(getattr(pipe, network)))
 
 
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -265,9 +422,12 @@ def load_scheduler_config(spec: Mapping[str, Any], cache_dir: str | os.PathLike 
     spec = _plain_dict(spec)
     source = spec["source"]
     if source == "build":
-        from ddim_lab.models.build import SD_SCHEDULER
+        from ddim_lab.models.build import FLOW_SCHEDULER, SD_SCHEDULER
 
-        return {**SD_SCHEDULER, **dict((spec.get("arch") or {}).get("scheduler") or {})}
+        arch = spec.get("arch") or {}
+        if arch.get("family", "sd") == "sd":
+            return {**SD_SCHEDULER, **dict(arch.get("scheduler") or {})}
+        return {"_class_name": FLOW_SCHEDULER_CLASS, **FLOW_SCHEDULER, **dict(arch.get("scheduler") or {})}
     if source == "hub":
         path = _hub_scheduler_file(spec["id"], spec.get("revision"))
     else:
@@ -278,6 +438,31 @@ def load_scheduler_config(spec: Mapping[str, Any], cache_dir: str | os.PathLike 
         raise ModelUnavailable(
             f"cannot read the scheduler config of model {spec['name']} ({path}): {err}"
         ) from err
+
+
+FLOW_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+TOKEN_PIXELS = 16  # image pixels per transformer token of every released SD3 / FLUX model: VAE 8× × 2×2 patches
+
+
+def config_scheduler(
+    spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike = ".cache"
+):
+    """The scheduler a run plans with, from the model's scheduler config alone (no weights): a DDIMScheduler,
+    or for a flow model its FlowMatchEulerDiscreteScheduler (``ddim_lab.flow.flow_scheduler``), the image
+    token count taken from ``model.resolution`` (a built model: from its recipe)."""
+    spec = _plain_dict(spec)
+    config = load_scheduler_config(spec, cache_dir)
+    overrides = dict(overrides or {})
+    if config.get("_class_name") != FLOW_SCHEDULER_CLASS:
+        return ddim_scheduler(config, **overrides)
+    arch = spec.get("arch") or {}
+    family = spec.get("family") or arch.get("family") or model_family(spec, model_dir(spec, cache_dir))
+    pixels = TOKEN_PIXELS
+    if arch:  # a built model: its VAE's factor × its patch size (FLUX packs 2×2)
+        patch = 2 if family == "flux" else int(arch["transformer"].get("patch_size", 2))
+        pixels = 2 ** (len(arch["vae"].get("block_out_channels", [0])) - 1) * patch
+    seq_len = (int(spec["resolution"]) // pixels) ** 2 if spec.get("resolution") else None
+    return flow_scheduler(config, seq_len, "flux" if family == "flux" else "scheduler", **overrides)
 
 
 def _hub_scheduler_file(model_id: str, revision: str | None) -> Path:
@@ -365,6 +550,11 @@ def attach_controlnet(model: LatentModel, spec: Mapping[str, Any] | None) -> Lat
     if spec.get("source", "none") == "none":
         model.controlnet, model.controlnet_revision = None, ""
         return model
-    model.controlnet, model.controlnet_revision = load_controlnet(spec, model.pipe.unet.dtype, model.device)
+    if model.family != "sd":
+        raise ValueError(
+            f"controlnet={spec.get('name')}: ControlNets are UNet-only; model {model.name} is a"
+            f" {model.family} flow model (use controlnet=none)"
+        )
+    model.controlnet, model.controlnet_revision = load_controlnet(spec, model.network.dtype, model.device)
     model.controlnet_scale = float(spec.get("scale", 1.0))
     return model

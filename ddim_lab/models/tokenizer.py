@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5TokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -33,3 +33,16 @@ def build_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
                 vocab[left] = len(vocab)
                 merges.append(merge)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+
+
+T5_MAX_LENGTH = 512  # FluxPipeline's longest T5 prompt
+
+
+def build_t5_tokenizer(words: Iterable[str]) -> T5TokenizerFast:
+    """An offline T5 (Unigram) tokenizer: each word of ``words`` is one piece, any other text falls back to
+    its characters (those of the words) or <unk>."""
+    words = sorted({w.lower() for w in words})
+    chars = sorted(set("".join(words)))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)

@@ -1,0 +1,86 @@
+"""``+experiment=reconstruction``: each inverter with the source and the empty prompt, at guidance 1 and 7.5."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+
+from ddim_lab.config import config_dir, validate
+from ddim_lab.experiment import Runner, load_items
+from ddim_lab.inversion import INVERTERS
+from ddim_lab.records import write_results
+from tests.conftest import ROOT, lab_config
+
+
+def _preset(name: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+
+
+def test_the_preset_sweeps_the_studied_inverters_with_and_without_captions():
+    cfg = _preset("reconstruction")
+    params = cfg.hydra.sweeper.params
+    studied = _preset("inverters").hydra.sweeper.params.inverter.split(",")  # the inverters study's methods
+    assert sorted(params.inverter.split(",")) == sorted(studied) and set(studied) <= set(INVERTERS)
+    assert params["data.captions"] == "true,false" and params["inversion.guidance_scale"] == "1.0,match"
+    assert cfg.task == "reconstruct" and list(cfg.guidance_scale) == [1.0, 7.5] and cfg.prompt == ""
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
+def test_without_captions_the_rows_use_the_empty_prompt(digits, tmp_path):
+    rows = {}
+    for captions in ("true", "false"):
+        cfg = lab_config("+experiment=reconstruction", f"data.captions={captions}", model="digits", steps=3)
+        validate(cfg)
+        items = load_items(cfg, digits.resolution)[:2]
+        rows[captions], _ = Runner(cfg, digits).run_group(items)
+        write_results(rows[captions], tmp_path / captions)
+    table = pd.read_parquet(tmp_path / "false" / "results.parquet")
+    assert set(table["prompt"]) == {""} and len(table) == 4  # 2 images × guidance 1 and 7.5
+    assert set(table["guidance_scale"]) == {1.0, 7.5} and set(table["edit_prompt"]) == {""}
+    assert all(r["prompt"].startswith("a handwritten digit") for r in rows["true"])
+
+
+def test_the_study_script_puts_source_and_empty_prompt_side_by_side(tmp_path):
+    for j, (inverter, captions) in enumerate(
+        (("ddim", True), ("ddim", False), ("edict", True), ("edict", False))
+    ):
+        rows = [
+            {
+                "image": f"img{i}",
+                "prompt": f"digit {i}" if captions else "",
+                "edit_prompt": "",
+                "inverter": inverter,
+                "inversion_guidance_scale": 1.0,
+                "guidance_scale": 1.0,
+                "num_steps": 25,
+                "start_step": 0,
+                "psnr": 30.0 + i + (0.5 if captions else 0.0),
+                "ssim": 0.9,
+            }
+            for i in range(4)
+        ]
+        write_results(rows, tmp_path / "sweep" / str(j))
+    out = tmp_path / "table"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "reconstruction_study.py"),
+            str(tmp_path / "sweep"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out / "reconstruction.csv")
+    assert set(table["inverter"]) == {"ddim", "edict"}
+    row = table[table["inverter"] == "ddim"].iloc[0]
+    assert row["psnr_source_mean"] == 32.0 and row["psnr_empty_mean"] == 31.5  # means of 30.5..33.5, 30..33
+    assert row["psnr_diff_mean"] == -0.5 and row["psnr_pairs"] == 4  # empty − source, paired on the images
+    assert "source prompt" in (out / "reconstruction.md").read_text()
