@@ -38,6 +38,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from ddim_lab import digits  # noqa: E402
 from ddim_lab.ddim import invert, sample  # noqa: E402
 from ddim_lab.denoiser import Conditioning, UNetDenoiser  # noqa: E402
+from ddim_lab.digits import held_out_subset  # noqa: E402
 from ddim_lab.inversion import make_plan  # noqa: E402
 from ddim_lab.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
 from ddim_lab.metrics import psnr, ssim  # noqa: E402
@@ -89,17 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(model_dir: Path) -> LatentModel:
     spec = {"name": "digits", "source": "local", "path": str(model_dir), "resolution": 16}
     return load_model(spec, {"device": "cpu"})
-
-
-def held_out_subset(n: int, seed: int, label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` held-out scans: stratified over the ten digits (or all of digit ``label``), seeded order."""
-    images, labels = digits.split()["held_out"]
-    rng = np.random.default_rng(seed)
-    classes = range(10) if label is None else [label]
-    per_class = [rng.permutation(np.flatnonzero(labels == k)) for k in classes]
-    order = [idx[r] for r in range(max(map(len, per_class))) for idx in per_class if r < len(idx)]
-    chosen = np.array(order[:n])
-    return images[chosen], labels[chosen]
 
 
 def conditioning(model: LatentModel, prompts: list[str], guidance: list[float]) -> Conditioning:

@@ -70,8 +70,9 @@ def train_unet(pipe, latents, captions, cfg: DictConfig, log_every: int, gen: to
     pipe.text_encoder.train()
     mean, std = latents  # (N, 4, 8, 8) each, already scaled
     labels = torch.as_tensor(captions)
-    texts = [""] + [digits.caption(k, j) for k in range(10) for j in range(len(digits.TEMPLATES))]
-    prompt_ids = pipe.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    prompt_ids = pipe.tokenizer(
+        digits.prompt_texts(), padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
     running = float("nan")
     t0 = time.perf_counter()
     for step in range(cfg.steps):
@@ -80,10 +81,7 @@ def train_unet(pipe, latents, captions, cfg: DictConfig, log_every: int, gen: to
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
-        # prompt id: 0 is the empty prompt, 1 + label * T + template the captions
-        template = torch.randint(len(digits.TEMPLATES), (len(idx),), generator=gen)
-        prompt = 1 + labels[idx] * len(digits.TEMPLATES) + template
-        prompt[torch.rand(len(idx), generator=gen) < cfg.prompt_dropout] = 0
+        prompt = digits.sample_prompts(labels[idx], cfg.prompt_dropout, gen)  # 0: the empty prompt
         cond = pipe.text_encoder(prompt_ids)[0][prompt]  # (B, 77, D), encoder run once per distinct prompt
         pred = pipe.unet(zt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)

@@ -1,0 +1,370 @@
+"""Train the shipped digits flow model: a Stable-Diffusion-3-format rectified-flow model on sklearn's digits.
+
+    python scripts/train_digits_flow.py                          # the recipe in conf/train/digits_flow.yaml
+    python scripts/train_digits_flow.py train.steps=5 out_dir=/tmp/f state_path=/tmp/f.pt   # smoke run
+    python scripts/train_digits_flow.py resume=true              # continue from the last checkpoint
+
+Steps: 1. build a ``StableDiffusion3Pipeline`` around the UNet digits model's frozen VAE and tokenizer: two
+``CLIPTextModelWithProjection`` towers initialised from its text encoder, a random ``SD3Transformer2DModel``
+and a ``FlowMatchEulerDiscreteScheduler``; 2. encode the training split to VAE posterior latents; 3. train the
+transformer and both text towers on the rectified-flow objective (x_σ = (1−σ) x₀ + σ ε, target v = ε − x₀)
+with prompt dropout and an EMA of the weights, until ``train.steps`` or ``max_minutes``; 4. save the EMA
+weights with ``save_pretrained`` plus ``train_stats.json``.
+
+Without T5 the pipeline pads the prompt with ``max_sequence_length`` (256) zero tokens. Those tokens are
+identical in every layer (same input, no positional embedding in the text stream), so training keeps one of
+them and adds log 256 to its attention logit (``CountedJointAttnProcessor``): the same function as the
+pipeline's, at a fraction of the cost. ``check_collapsed_context`` verifies that on the trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import diffusers
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.models.attention_processor import Attention
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ddim_lab import digits
+
+log = logging.getLogger("train_digits_flow")
+TRAINED = ("transformer", "text_encoder", "text_encoder_2")
+
+
+class CountedJointAttnProcessor:
+    """SD3 joint attention in which each text token stands for several identical ones: ``attention_mask``
+    holds log-multiplicities (S_text,) of the text tokens, added to their attention logits."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, n_image = hidden_states.shape[:2]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q = heads(attn.to_q(hidden_states))
+        k = heads(attn.to_k(hidden_states))
+        v = heads(attn.to_v(hidden_states))
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        bias = F.pad(attention_mask.to(q.dtype), (n_image, 0)).view(1, 1, 1, -1)  # 0 for image tokens
+        out = F.scaled_dot_product_attention(
+            torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2), attn_mask=bias
+        )
+        out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1])
+        image, text = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
+
+
+def text_tower(base: Path, projection_dim: int, seed: int) -> CLIPTextModelWithProjection:
+    """A CLIP text tower with projection, initialised from the digits-ldm text encoder (projection random)."""
+    config = CLIPTextConfig.from_pretrained(base / "text_encoder")
+    config.projection_dim = projection_dim
+    config.architectures = ["CLIPTextModelWithProjection"]
+    torch.manual_seed(seed)
+    tower = CLIPTextModelWithProjection(config)
+    source = transformers.CLIPTextModel.from_pretrained(base / "text_encoder").state_dict()
+    tower.text_model.load_state_dict(source)  # strict: every weight but the projection
+    return tower
+
+
+def build_pipeline(cfg: DictConfig, base: Path) -> StableDiffusion3Pipeline:
+    """Step 1: the untrained flow pipeline over digits-ldm's VAE (shift 0, its scaling factor)."""
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    vae.register_to_config(shift_factor=0.0)
+    vae.requires_grad_(False).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", model_max_length=cfg.text_length)
+    towers = [text_tower(base, cfg.arch.text_encoder.projection_dim, cfg.seed + i) for i in range(2)]
+    hidden = sum(t.config.hidden_size for t in towers)
+    arch = OmegaConf.to_container(cfg.arch.transformer, resolve=True)
+    inner = arch["num_attention_heads"] * arch["attention_head_dim"]
+    torch.manual_seed(cfg.seed)
+    transformer = SD3Transformer2DModel(
+        **arch,
+        joint_attention_dim=hidden,  # the two towers' hidden states side by side
+        caption_projection_dim=inner,
+        pooled_projection_dim=sum(t.config.projection_dim for t in towers),
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.scheduler.shift),
+        vae=vae,
+        text_encoder=towers[0],
+        tokenizer=tokenizer,
+        text_encoder_2=towers[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def encode_collapsed(pipe: StableDiffusion3Pipeline, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's prompt encoding of token ids (P, L) with the T5 zero block collapsed to one token:
+    ``(context (P, L + 1, D), pooled (P, D_pooled))``; see ``CountedJointAttnProcessor``."""
+    hidden, pooled = [], []
+    for tower in (pipe.text_encoder, pipe.text_encoder_2):
+        out = tower(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    context = torch.cat(hidden, dim=-1)
+    context = F.pad(context, (0, pipe.transformer.config.joint_attention_dim - context.shape[-1]))
+    context = torch.cat([context, context.new_zeros(len(context), 1, context.shape[-1])], dim=1)
+    return context, torch.cat(pooled, dim=-1)
+
+
+def log_counts(text_length: int, t5_length: int) -> torch.Tensor:
+    """Log-multiplicities of the collapsed context: the CLIP tokens once each, the zero token ``t5_length``."""
+    return torch.tensor([0.0] * text_length + [math.log(t5_length)])
+
+
+def check_collapsed_context(pipe: StableDiffusion3Pipeline, cfg: DictConfig, gen: torch.Generator) -> float:
+    """Max |difference| of the transformer's velocity, collapsed context vs the pipeline's own encoding."""
+    prompts = ["a handwritten digit three", ""]
+    x = torch.randn(len(prompts), 4, 8, 8, generator=gen)
+    t = torch.tensor([700.0, 150.0])
+    with torch.no_grad():
+        full, pooled = pipe.encode_prompt(
+            prompts, prompts, None, do_classifier_free_guidance=False, max_sequence_length=cfg.t5_length
+        )[::2]
+        ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        context, pooled_c = encode_collapsed(pipe, ids)
+        ref = pipe.transformer(x, full, pooled, t).sample
+        processors = pipe.transformer.attn_processors
+        pipe.transformer.set_attn_processor(CountedJointAttnProcessor())
+        bias = log_counts(cfg.text_length, cfg.t5_length)
+        out = pipe.transformer(x, context, pooled_c, t, joint_attention_kwargs={"attention_mask": bias}).sample
+        pipe.transformer.set_attn_processor(processors)
+    return float((out - ref).abs().max())
+
+
+def training_latents(pipe: StableDiffusion3Pipeline, resolution: int) -> dict[str, torch.Tensor]:
+    """Step 2: the training split as scaled VAE posterior latents (mean, std) and labels."""
+    images, labels = digits.split()["train"]
+    x = digits.to_rgb(images, resolution) * 2 - 1
+    scale = pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        post = pipe.vae.encode(x).latent_dist
+    return {"mean": post.mean * scale, "std": post.std * scale, "labels": torch.as_tensor(labels)}
+
+
+def sample_sigmas(n: int, cfg: DictConfig, gen: torch.Generator) -> torch.Tensor:
+    """σ for a batch: uniform on (0, 1) or logit-normal (Esser et al. 2024, §3.1)."""
+    if cfg.sigma_sampling == "uniform":
+        return torch.rand(n, generator=gen)
+    if cfg.sigma_sampling == "logit_normal":
+        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=gen))
+    raise ValueError(f"unknown sigma_sampling {cfg.sigma_sampling!r}")
+
+
+def learning_rate(cfg: DictConfig, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay over ``progress`` ∈ [0, 1] (steps or minutes, whichever is ahead)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT, so a stopped run still saves."""
+
+    def __init__(self) -> None:
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        log.warning("signal %d: stopping after this step", signum)
+        self.set = True
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def flow_loss(
+    pipe: StableDiffusion3Pipeline,
+    data: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    bias: torch.Tensor,
+    tc: DictConfig,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """One batch of the rectified-flow loss: x_σ = (1−σ) x₀ + σ ε, MSE to v = ε − x₀; ``ids`` the prompt
+    table's tokens, ``bias`` the collapsed context's log-counts."""
+    idx = torch.randint(len(data["mean"]), (tc.batch_size,), generator=gen)
+    x0 = data["mean"][idx]
+    if tc.posterior_sample:
+        x0 = x0 + data["std"][idx] * torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = sample_sigmas(len(idx), tc, gen)
+    s = sigma.view(-1, 1, 1, 1)
+    prompt = digits.sample_prompts(data["labels"][idx], tc.prompt_dropout, gen)
+    context, pooled = encode_collapsed(pipe, ids)  # each distinct prompt once
+    pred = pipe.transformer(
+        (1 - s) * x0 + s * noise,
+        context[prompt],
+        pooled[prompt],
+        sigma * pipe.scheduler.config.num_train_timesteps,
+        joint_attention_kwargs={"attention_mask": bias},
+    ).sample
+    return F.mse_loss(pred, noise - x0)
+
+
+def train(
+    pipe: StableDiffusion3Pipeline, data: dict, cfg: DictConfig, gen: torch.Generator, state_path: Path
+) -> dict:
+    """Step 3: rectified-flow training of the transformer and both text towers; returns what happened."""
+    tc = cfg.train
+    models = {name: getattr(pipe, name) for name in TRAINED}
+    params = [p for m in models.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = EMAModel(params, decay=tc.ema_decay)
+    ids = pipe.tokenizer(digits.prompt_texts(), padding="max_length", truncation=True, return_tensors="pt")
+    bias = log_counts(cfg.text_length, cfg.t5_length)
+    default_processors = pipe.transformer.attn_processors
+    pipe.transformer.set_attn_processor(CountedJointAttnProcessor())
+    step, elapsed_before, history = 0, 0.0, []
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        for name, model in models.items():
+            model.load_state_dict(state["models"][name])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        gen.set_state(state["gen"])
+        step, elapsed_before, history = state["step"], state["seconds"], state["history"]
+        log.info("resumed at step %d (%.0f s)", step, elapsed_before)
+    for model in models.values():
+        model.train()
+    stop, running, t0, first_step = StopFlag(), float("nan"), time.perf_counter(), step
+
+    def checkpoint() -> None:
+        state = {
+            "step": step,
+            "seconds": elapsed_before + time.perf_counter() - t0,
+            "history": history,
+            "models": {name: model.state_dict() for name, model in models.items()},
+            "opt": opt.state_dict(),
+            "ema": ema.state_dict(),
+            "gen": gen.get_state(),
+        }
+        save_state(state_path, state)
+
+    while True:
+        elapsed = elapsed_before + time.perf_counter() - t0
+        progress = max(step / tc.steps, elapsed / (cfg.max_minutes * 60))
+        if progress >= 1 or stop.set:
+            break
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(tc, step, progress)
+        loss = flow_loss(pipe, data, ids.input_ids, bias, tc, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        step += 1
+        running = loss.item() if math.isnan(running) else 0.98 * running + 0.02 * loss.item()
+        if step % cfg.log_every == 0 or step == 1:
+            history.append({"step": step, "loss": round(running, 5), "seconds": round(elapsed, 1)})
+            log.info(
+                "step %d  loss %.5f  lr %.2e  progress %.3f  (%.0f s, %.3f s/step, load %.1f)",
+                step,
+                running,
+                opt.param_groups[0]["lr"],
+                progress,
+                elapsed,
+                (time.perf_counter() - t0) / (step - first_step),
+                os.getloadavg()[0],
+            )
+        if step % tc.checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+    ema.copy_to(params)
+    for model in models.values():
+        model.eval()
+    pipe.transformer.set_attn_processor(default_processors)
+    seconds = elapsed_before + time.perf_counter() - t0
+    return {"steps_done": step, "final_loss": running, "train_seconds": round(seconds, 1), "history": history}
+
+
+def disk_bytes(root: Path) -> dict[str, int]:
+    """Safetensors bytes per component directory."""
+    return {w.parent.name: w.stat().st_size for w in sorted(root.rglob("*.safetensors"))}
+
+
+@hydra.main(version_base="1.3", config_path="../conf/train", config_name="digits_flow")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # tiny gradients late in training are otherwise denormal and slow
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, load_start = time.perf_counter(), os.getloadavg()
+    base = Path(hydra.utils.to_absolute_path(cfg.base_dir))
+    out = Path(hydra.utils.to_absolute_path(cfg.out_dir))
+    pipe = build_pipeline(cfg, base)
+    data = training_latents(pipe, cfg.resolution)
+    log.info("training latents %s, std %.3f", tuple(data["mean"].shape), float(data["mean"].std()))
+    stats = train(pipe, data, cfg, gen, Path(hydra.utils.to_absolute_path(cfg.state_path)))
+    diff = check_collapsed_context(pipe, cfg, gen)
+    log.info("collapsed vs full context: max |Δv| %.2e", diff)
+    if diff > 1e-3:
+        raise RuntimeError(f"collapsed training context differs from the pipeline's by {diff:.2e}")
+    pipe.save_pretrained(out, safe_serialization=True)
+    stats |= {
+        "seed": cfg.seed,
+        "recipe": OmegaConf.to_container(cfg, resolve=True),
+        "train_images": len(data["mean"]),
+        "params": {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in (*TRAINED, "vae")},
+        "bytes_on_disk": disk_bytes(out),
+        "scaling_factor": pipe.vae.config.scaling_factor,
+        "shift_factor": pipe.vae.config.shift_factor,
+        "collapsed_context_max_abs_diff": diff,
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "threads": cfg.threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+        },
+    }
+    (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    log.info("saved to %s in %.0f s (%d steps)", out, stats["total_seconds"], stats["steps_done"])
+
+
+if __name__ == "__main__":
+    main()
