@@ -138,7 +138,8 @@ class UNetDenoiser:
         # 3. (ε, x̂₀) at each row's timestep, then classifier-free guidance: ε̃ = ε_∅ + g (ε_c − ε_∅)
         alpha = self.alphas_cumprod[t[rows].cpu()].to(x.device)
         eps, x0 = split_prediction(out, x[rows], alpha, self.prediction_type)
-        return Prediction(_guide(eps, use_text, use_null, g, x), _guide(x0, use_text, use_null, g, x))
+        guided = [guide_branches(out, use_text, use_null, g, x) for out in (eps, x0)]
+        return Prediction(*guided)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x (B, C, H, W), t (B,) → guided ε (B, C, H, W)."""
@@ -158,11 +159,12 @@ def cfg_branches(cond: Conditioning, g: torch.Tensor) -> tuple[torch.Tensor, tor
 def stack_branches(
     text: torch.Tensor, null: torch.Tensor | None, use_text: torch.Tensor, use_null: torch.Tensor
 ) -> torch.Tensor:
-    """One network batch of both branches: [text[use_text]; null[use_null]] (the order ``_guide`` reads)."""
+    """One network batch of both branches: [text[use_text]; null[use_null]], the order ``guide_branches``
+    reads."""
     return torch.cat([text[use_text], null[use_null] if len(use_null) else text[:0]])
 
 
-def _guide(
+def guide_branches(
     out: torch.Tensor, use_text: torch.Tensor, use_null: torch.Tensor, g: torch.Tensor, like: torch.Tensor
 ) -> torch.Tensor:
     """CFG over stacked branch outputs [text rows; null rows] → (B, C, H, W); g = 1 / 0 take one branch."""

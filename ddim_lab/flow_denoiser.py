@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ddim_lab.ddim import Prediction
-from ddim_lab.denoiser import Conditioning, _guide, cfg_branches, stack_branches
+from ddim_lab.denoiser import Conditioning, cfg_branches, guide_branches, stack_branches
 from ddim_lab.flow import TIME_SCALE, sigma_of_timestep, to_flow, velocity_prediction
 
 FAMILIES = ("sd3", "flux")
@@ -127,7 +127,7 @@ class FlowDenoiser:
         text = stack_branches(cond.text, cond.null, use_text, use_null)  # (b, L, D)
         pooled = stack_branches(cond.extra["pooled"], cond.extra.get("null_pooled"), use_text, use_null)
         out = self._network(x_sigma[rows], t[rows], text, pooled)
-        return _guide(out, use_text, use_null, g, x_sigma)  # v̂ = v_∅ + g (v_c − v_∅)
+        return guide_branches(out, use_text, use_null, g, x_sigma)  # v̂ = v_∅ + g (v_c − v_∅)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Prediction:
         """x (B, C, H, W) variance-preserving latents, t (B,) = σ · 1000 → guided (ε̂, x̂₀) (B, C, H, W) each."""

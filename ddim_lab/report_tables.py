@@ -24,7 +24,14 @@ from ddim_lab.schema import (
     normalize,
     protocol_problem,
 )
-from ddim_lab.stats import DEFAULT, Bootstrap, default_compare_key, group_intervals, paired_comparisons
+from ddim_lab.stats import (
+    DEFAULT,
+    Bootstrap,
+    default_compare_key,
+    group_intervals,
+    paired_comparisons,
+    paired_strata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +149,7 @@ def paired_display(analysis: Analysis) -> pd.DataFrame:
     p = analysis.paired
     if p.empty:
         return pd.DataFrame()
-    strata = [k for k in analysis.keys if k != analysis.compare]
+    strata = paired_strata(analysis.keys, analysis.compare)
     out = pd.DataFrame({k: [key_text(k, v) for v in p[k]] for k in strata})
     out[f"{analysis.compare}: other − baseline"] = [
         f"{o} − {b}" for o, b in zip(p["other"], p["baseline"], strict=True)

@@ -244,6 +244,12 @@ def _levels(df: pd.DataFrame, key: str, qualifiers: list[str]) -> pd.Series:
     return level
 
 
+def paired_strata(keys: list[str], key: str) -> list[str]:
+    """The keys within whose combinations the values of ``key`` are paired: all others but ``key``'s own
+    qualifiers (``inverter_knobs`` differ between inverters by nature)."""
+    return [k for k in keys if k != key and QUALIFIES.get(k) != key]
+
+
 def paired_comparisons(
     df: pd.DataFrame,
     key: str,
@@ -260,8 +266,10 @@ def paired_comparisons(
     bootstrap interval, and the Wilcoxon signed-rank p-value. Several rows of one image in one cell (e.g. a
     repeated run) are averaged first. Never pairs across protocols (``protocol`` is a stratum key).
     """
+    qualifiers = [k for k in keys if QUALIFIES.get(k) == key]  # e.g. inverter_knobs when comparing inverters
+    strata = paired_strata(keys, key)
     columns = [
-        *(k for k in keys if k != key),
+        *strata,
         "key",
         "baseline",
         "other",
@@ -278,8 +286,6 @@ def paired_comparisons(
         return pd.DataFrame(columns=columns)
     if key == PROTOCOL:
         raise ValueError("rows of different protocols are not comparable: refusing to pair across protocols")
-    qualifiers = [k for k in keys if QUALIFIES.get(k) == key]  # e.g. inverter_knobs when comparing inverters
-    strata = [k for k in keys if k != key and k not in qualifiers]
     levels = _levels(df, key, qualifiers)  # (rows,) each row's level of ``key``, as text
     try:
         rank = df[key].rank(method="dense", na_option="bottom")
