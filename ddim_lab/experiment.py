@@ -160,6 +160,11 @@ class Runner:
         self.minimum = Cost()  # what the work done so far must cost, by the inverter's formulas
         self.started = time.perf_counter()
 
+    def cost_guidance(self, guidance: float) -> float:
+        """The guidance the cost formulas see: a model with embedded guidance (FLUX.1-dev) takes the scale as an
+        input and spends one pass per row at any guidance, as classifier-free guidance does at 1."""
+        return 1.0 if getattr(self.denoiser, "guidance", "cfg") == "embedded" else float(guidance)
+
     # -- step 2a: inversion artifacts, from the cache when possible --------------------------------
     def inversion_guidance_for(self, guidance: float | None) -> float:
         """The guidance an artifact serving sampling guidance ``guidance`` is inverted at."""
@@ -238,7 +243,7 @@ class Runner:
 
             keys = [self.inversion_key(it, guidance, method=method.key()) for it in mine]
             found, todo = self._through_cache(keys, lambda j: {"image": mine[j].name, "pivot": True}, compute)
-            one = method.inversion_cost(self.plan, {}, 1.0, inversion_guidance)
+            one = method.inversion_cost(self.plan, {}, 1.0, self.cost_guidance(inversion_guidance))
             for j in todo:
                 spent[int(rows[j])] = spent.get(int(rows[j]), Cost()) + one
                 self.minimum += one
@@ -286,7 +291,10 @@ class Runner:
                 found[i, g], costs[i, g] = art, (Cost(), True)
             for n, i in enumerate(todo):
                 cost = self.inverter.inversion_cost(
-                    self.plan, found[i, g], 1.0 if g is None else g, self.inversion_guidance_for(g)
+                    self.plan,
+                    found[i, g],
+                    1.0 if g is None else g,
+                    self.cost_guidance(self.inversion_guidance_for(g)),
                 )
                 self.minimum += cost
                 costs[i, g] = (cost + spent.get(n, Cost()), False)
@@ -361,7 +369,7 @@ class Runner:
         self.evals["sampling"] += self.denoiser.unet_evals - before
         for n, (_, (_, p)) in enumerate(rows):
             self.minimum += self.editor.trajectory_cost(
-                self.inverter, self.plan, p.start_step, p.guidance, bool(batch.edit[n])
+                self.inverter, self.plan, p.start_step, self.cost_guidance(p.guidance), bool(batch.edit[n])
             )
         return out
 
@@ -413,7 +421,7 @@ class Runner:
                     vae_psnr=float(vae_scores["psnr"][i]),
                     vae_lpips=float(vae_scores["lpips"][i]),
                     unet_evals=self.editor.trajectory_cost(
-                        self.inverter, self.plan, p.start_step, p.guidance, edit
+                        self.inverter, self.plan, p.start_step, self.cost_guidance(p.guidance), edit
                     ).forwards,
                     **self.editor.row_fields(),
                     inversion_unet_evals=cost.forwards,

@@ -90,21 +90,23 @@ def markdown(summary: pd.DataFrame) -> str:
 
 
 def figure(summary: pd.DataFrame, path: Path, vae_psnr: float | None = None) -> None:
-    """PSNR (top) and LPIPS (bottom) against evaluations per image; a column per prompt kind; solid lines
-    for UNet-model arms, dashed for flow-model arms (a model whose name says flow)."""
+    """PSNR (top) and LPIPS (bottom, when measured: without its backbone LPIPS is NaN) against evaluations per
+    image; a column per prompt kind; solid lines for UNet-model arms, dashed for flow-model arms (a model whose
+    name says flow)."""
     from matplotlib.figure import Figure
 
     kinds = sorted(summary["prompt_kind"].unique())
-    fig = Figure(figsize=(6.5 * len(kinds), 9), layout="constrained")
-    axes = fig.subplots(2, len(kinds), squeeze=False)
+    shown = [(m, u) for m, u in (("psnr", "dB"), ("lpips", "distance")) if summary[f"{m}_mean"].notna().any()]
+    fig = Figure(figsize=(6.5 * len(kinds), 4.5 * len(shown)), layout="constrained")
+    axes = fig.subplots(len(shown), len(kinds), squeeze=False)
     arms = sorted({(m, i) for m, i in zip(summary["model"], summary["inverter"], strict=True)})
     colors = {arm: f"C{n % 10}" for n, arm in enumerate(arms)}
     for col, kind in enumerate(kinds):
         part = summary[summary["prompt_kind"] == kind]
-        for row, (metric, unit) in enumerate((("psnr", "dB"), ("lpips", "distance"))):
+        for row, (metric, unit) in enumerate(shown):
             ax = axes[row, col]
             for (model, inverter), arm in part.groupby(["model", "inverter"], sort=True):
-                arm = arm.sort_values("evals_mean")
+                arm = arm[arm["evals_mean"] > 0].sort_values("evals_mean")  # a cached inversion cost nothing
                 style = "--" if "flow" in str(model) else "-"
                 color = colors[model, inverter]
                 ax.plot(

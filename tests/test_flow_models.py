@@ -171,6 +171,15 @@ def test_ddim_family_inverters_run_on_a_flow_model(tiny_flow, items, inverter, o
         assert (out - x0).abs().max() < 1e-3
 
 
+def test_embedded_guidance_spends_one_pass_per_row_and_the_minimum_says_so(tiny_flux, items):
+    """FLUX.1-dev-style guidance is an input of the transformer: guidance 3 costs what guidance 1 does."""
+    _, _, runner = run_grid(tiny_flux, items, "ddim", "inversion.guidance_scale=3")
+    assert runner.denoiser.guidance == "embedded"
+    spent = runner.evals["inversion"] + runner.evals["sampling"]
+    steps_sampled = sum(STEPS - p.start_step for p in runner.points) * len(items)
+    assert spent == runner.minimum.forwards == STEPS * len(items) + steps_sampled
+
+
 def test_fixed_point_inverts_the_top_step_too(tiny_flow, items):
     """At σ = 1 (ᾱ = 0) ε(z) = z, so plain DDIM inversion copies the latent; fixed-point inversion solves the
     x̂₀ form there, so its round trip from step 0 at guidance 1 beats DDIM's."""
