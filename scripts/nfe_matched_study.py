@@ -93,6 +93,7 @@ def figure(summary: pd.DataFrame, path: Path, vae_psnr: float | None = None) -> 
     """PSNR (top) and LPIPS (bottom, when measured: without its backbone LPIPS is NaN) against evaluations per
     image; a column per prompt kind; solid lines for UNet-model arms, dashed for flow-model arms (a model whose
     name says flow)."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     kinds = sorted(summary["prompt_kind"].unique())
@@ -100,7 +101,8 @@ def figure(summary: pd.DataFrame, path: Path, vae_psnr: float | None = None) -> 
     fig = Figure(figsize=(6.5 * len(kinds), 4.5 * len(shown)), layout="constrained")
     axes = fig.subplots(len(shown), len(kinds), squeeze=False)
     arms = sorted({(m, i) for m, i in zip(summary["model"], summary["inverter"], strict=True)})
-    colors = {arm: f"C{n % 10}" for n, arm in enumerate(arms)}
+    palette = matplotlib.colormaps["tab20"]  # 14 arms: distinct colours
+    colors = {arm: palette(n % 20) for n, arm in enumerate(arms)}
     for col, kind in enumerate(kinds):
         part = summary[summary["prompt_kind"] == kind]
         for row, (metric, unit) in enumerate(shown):
