@@ -24,10 +24,10 @@ from diffusers.configuration_utils import FrozenDict
 class Plan:
     """A DDIM run: N sampling steps and M inversion steps, all as 1-D float64/long tensors."""
 
-    timesteps: torch.Tensor  # (N,) long, descending: denoiser time of sampling step i
+    timesteps: torch.Tensor  # (N,) descending: denoiser time of step i (long; flow plans: σ·1000 floats)
     alpha: torch.Tensor  # (N,) ᾱ of the latent entering sampling step i
     alpha_next: torch.Tensor  # (N,) ᾱ of the latent it produces
-    inv_timesteps: torch.Tensor  # (M,) long: denoiser time of inversion step j
+    inv_timesteps: torch.Tensor  # (M,) denoiser time of inversion step j (same dtype as timesteps)
     inv_alpha_from: torch.Tensor  # (M,) ᾱ of the latent entering inversion step j
     inv_alpha_to: torch.Tensor  # (M,) ᾱ of the latent it produces
     start_index: torch.Tensor  # (N,) long: trajectory index that sampling step k starts from, -1 if none
