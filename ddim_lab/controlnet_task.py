@@ -169,14 +169,8 @@ def controlnet_task(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) 
     results = model.decode(latents)
     torch.save(latents, run_dir / "latents.pt")
     seconds = (time.perf_counter() - start) / len(jobs)
-    shared = schema.config_values(cfg) | {
+    shared = schema.generation_values(cfg) | {
         "scheduler": cfg.sampler,  # the pipeline's sampler, not the lab's DDIM scheduler config
-        "edit_prompt": None,  # generation: no inversion, no edit, no metric against an input
-        "inverter": None,
-        "inverter_knobs": None,
-        "inversion_guidance_scale": None,
-        "lpips_net": None,
-        "start_step": 0,
         "eta": 0.0,
         "seconds": seconds,
     }

@@ -331,6 +331,13 @@ def config_values(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def generation_values(cfg: Any) -> dict[str, Any]:
+    """``config_values`` of a generation task (``sample``, ``controlnet``): no inversion, no edit and no
+    metric against an input, so those settings are None, and every trajectory starts at step 0."""
+    unused = ("edit_prompt", "inverter", "inverter_knobs", "inversion_guidance_scale", "lpips_net")
+    return config_values(cfg) | dict.fromkeys(unused) | {"start_step": 0}
+
+
 def row(**values: Any) -> dict[str, Any]:
     """One result row in schema order: every core column (a metric or bookkeeping column not given is None),
     then the optional columns given.

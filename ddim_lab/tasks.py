@@ -52,14 +52,8 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
     )
     images = model.decode(out)
     seconds = (time.perf_counter() - start) / len(prompts)
-    shared = schema.config_values(cfg) | {
-        "edit_prompt": None,  # no inversion, no edit, no metric against an input: those settings do not apply
-        "inverter": None,
-        "inverter_knobs": None,
-        "inversion_guidance_scale": None,
-        "lpips_net": None,
+    shared = schema.generation_values(cfg) | {
         "guidance_scale": float(guidance),
-        "start_step": 0,
         "unet_evals": cfg.num_steps * (1 if guidance in (0, 1) else 2),
         "seconds": seconds,
     }
