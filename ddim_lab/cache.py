@@ -1,8 +1,9 @@
 """Content-addressed cache of inversion artifacts (safetensors, atomic writes).
 
 An artifact is whatever an inverter's sampler needs (``ddim_lab.inversion.base``): a dict of tensors for one
-image. The key hashes exactly what determines it — image content, model id, revision (hub commit or a
-fingerprint of the weight files) and dtype, scheduler config, num_steps, the inverter's method and knobs,
+image. The key hashes exactly what determines it — image content, every model option but its name
+(``experiment.model_identity``), revision (hub commit or a fingerprint of the weight files) and dtype, scheduler
+config, num_steps, the inverter's method and knobs,
 inversion guidance, source and negative prompt; the seed only for stochastic inverters and the sampling
 guidance only for inverters that optimise for it — plus ``CACHE_VERSION``, and nothing that only affects
 sampling. Entries are
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the inversion math changes: old entries are then never read
+CACHE_VERSION = 3  # bump when the inversion math changes: old entries are then never read
 
 
 def inversion_key(**fields: Any) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.config import config_dir, register_resolvers, validate
+from ddim_lab.budget import apply_budget, check_budget_input
+from ddim_lab.config import ConfigError, check_editor_fits, config_dir, register_resolvers, validate
 from ddim_lab.distributed import broadcast, process_info
 from ddim_lab.sweep import (
+    JOB_JSON,
     OUTCOME,
     RunDirConflict,
     claim,
@@ -38,15 +42,20 @@ log = logging.getLogger("ddim_lab")
 register_resolvers()  # also in launcher workers (submitit, joblib), which import this module to run a job
 
 
-def run(
-    cfg: DictConfig,
-    run_dir: Path,
-    group: str | None = None,
-    name: str | None = None,
-    overrides: list[str] | None = None,
-    job_num: int | None = None,
-) -> str:
-    """Validate, load the model, run the task, log; ``skipped`` when ``run_dir`` holds this config finished.
+@dataclass
+class Prepared:
+    """A job that passed every check and has its model loaded; nothing but its claim written yet."""
+
+    run_dir: Path
+    digest: str
+    model: Any = None  # the LatentModel; None for alpha_plot and for the idle processes of other tasks
+
+
+def prepare(
+    cfg: DictConfig, run_dir: Path, job_num: int | None = None, overrides: list[str] | None = None
+) -> Prepared | None:
+    """Validate, claim ``run_dir`` and load the model (and ControlNet), checking it fits the config; None when
+    ``run_dir`` holds this config finished. Writes only the claim (``job.json``).
 
     Raises ConfigError / ModelUnavailable / DataError on bad input, RunDirConflict when ``run_dir`` holds
     another config's run.
@@ -56,8 +65,9 @@ def run(
     run_dir = Path(broadcast(str(run_dir)))  # under accelerate launch: the main process's directory
     if is_done(run_dir, digest):
         log.info("already finished in %s (config %s): skipped", run_dir, digest)
-        return "skipped"
+        return None
     validate(cfg)  # before anything heavy
+    apply_budget(cfg)  # budget.nfe: the step count it gives this method becomes num_steps
     import diffusers
     import torch
     import transformers
@@ -65,10 +75,7 @@ def run(
     diffusers.utils.logging.disable_progress_bar()  # loading bars; the lab's own loops have theirs
     transformers.utils.logging.disable_progress_bar()
 
-    from ddim_lab.loggers import open_logger
-    from ddim_lab.models.loading import attach_controlnet, load_model, resolve_device
-    from ddim_lab.provenance import provenance
-    from ddim_lab.tasks import alpha_plot, text_to_image
+    from ddim_lab.models.loading import attach_controlnet, load_model
 
     if cfg.task in ("reconstruct", "edit") and cfg.metrics.lpips == "required":  # tasks that measure LPIPS
         from ddim_lab.metrics import LpipsUnavailable, lpips_backbone_path, lpips_missing_message
@@ -86,8 +93,8 @@ def run(
         raise RunDirConflict(conflict)
     if resumed:
         log.info("resuming the unfinished run in %s", run_dir)
-    if rank > 0 and cfg.task not in ("reconstruct", "edit"):
-        return "done"  # only reconstruct/edit split their images over processes; the main process does the rest
+    if cfg.task == "alpha_plot" or (rank > 0 and cfg.task not in ("reconstruct", "edit")):
+        return Prepared(run_dir, digest)  # no model: the plot reads the scheduler config; idle processes
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     slot = local_rank if world > 1 else job_num  # a GPU per process, or per job of a parallel sweep
     if slot is not None:
@@ -100,6 +107,27 @@ def run(
                 gpus,
             )
             cfg.runtime.device = device
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, cfg.runtime, cfg.cache.dir)
+    model = attach_controlnet(model, cfg.controlnet, cfg.cache.dir)  # ConfigError when it does not fit
+    if cfg.task in ("reconstruct", "edit"):  # what the config could not tell: a model=local directory's family
+        check_editor_fits((cfg.get("editor") or {}).get("name", "prompt_swap"), model.name, model.family)
+    return Prepared(run_dir, digest, model)
+
+
+def work(job: Prepared, cfg: DictConfig, group: str | None = None, name: str | None = None) -> str:
+    """Run the task of a prepared job: config and provenance first, then the task's results and logs."""
+    import torch
+
+    from ddim_lab.loggers import open_logger
+    from ddim_lab.models.loading import resolve_device
+    from ddim_lab.provenance import provenance
+    from ddim_lab.tasks import alpha_plot, text_to_image
+
+    rank, _, _ = process_info()
+    if rank > 0 and cfg.task not in ("reconstruct", "edit"):
+        return "done"  # only reconstruct/edit split their images over processes; the main process does the rest
+    run_dir = job.run_dir
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -109,23 +137,35 @@ def run(
     if cfg.task == "alpha_plot":
         alpha_plot(cfg, run_dir)
     else:
-        model = attach_controlnet(load_model(cfg.model, cfg.runtime, cfg.cache.dir), cfg.controlnet)
         logger_cfg = cfg.logger if rank == 0 else {"name": "local"}
         with open_logger(logger_cfg, resolved, run_dir, group, name) as logger:
             if cfg.task == "sample":
-                text_to_image(cfg, model, run_dir, logger)
+                text_to_image(cfg, job.model, run_dir, logger)
             elif cfg.task == "controlnet":
                 from ddim_lab.controlnet_task import controlnet_task  # imported by its task only (cv2 & co.)
 
-                controlnet_task(cfg, model, run_dir, logger)
+                controlnet_task(cfg, job.model, run_dir, logger)
             else:
                 from ddim_lab.experiment import reconstruct_or_edit
 
-                reconstruct_or_edit(cfg, model, run_dir, logger)
+                reconstruct_or_edit(cfg, job.model, run_dir, logger)
     if rank == 0:
-        mark_done(run_dir, digest, task=cfg.task)
+        mark_done(run_dir, job.digest, task=cfg.task)
         log.info("results in %s", run_dir)
     return "done"
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    group: str | None = None,
+    name: str | None = None,
+    overrides: list[str] | None = None,
+    job_num: int | None = None,
+) -> str:
+    """:func:`prepare` then :func:`work`; ``skipped`` when ``run_dir`` holds this config finished."""
+    job = prepare(cfg, run_dir, job_num, overrides)
+    return "skipped" if job is None else work(job, cfg, group, name)
 
 
 def wandb_group(sweep_dir: str) -> str:
@@ -164,13 +204,20 @@ def app(cfg: DictConfig) -> dict[str, Any] | float:
     group = wandb_group(hydra_cfg.sweep.dir) if multirun else None
     name = hydra_cfg.job.override_dirname or run_dir.name
     overrides = list(hydra_cfg.overrides.task)
+    started = False
     try:
-        status = run(cfg, run_dir, group, name, overrides, hydra_cfg.job.num if multirun else None)
+        job = prepare(cfg, run_dir, hydra_cfg.job.num if multirun else None, overrides)
+        started = True
+        status = "skipped" if job is None else work(job, cfg, group, name)
         if cfg.get("tune") is not None:
             return tune_objective(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - recorded in error.json with its traceback
         usage = is_usage_error(err)
-        if not isinstance(err, RunDirConflict):  # never write into another run's directory
+        if isinstance(err, RunDirConflict):
+            pass  # never write into (or remove) another run's directory
+        elif not multirun and usage and not started:  # bad input, nothing done: no run directory left behind
+            remove_unused_run_dir(run_dir, hydra_cfg)
+        else:
             record_failure(run_dir, err, _plain_config(cfg), overrides)
         if usage:
             log.error("%s", one_line(err))
@@ -181,6 +228,15 @@ def app(cfg: DictConfig) -> dict[str, Any] | float:
             OUTCOME.update(code=2 if usage else 1, failures=[one_line(err)])
         return {"status": "failed", "error": one_line(err), "usage": usage}
     return {"status": status}
+
+
+def remove_unused_run_dir(run_dir: Path, hydra_cfg: DictConfig) -> None:
+    """Remove the directory Hydra made for a run that failed before any work, when it holds nothing but Hydra's
+    own files (its log, ``.hydra/``) and the run's claim: a rerun into it, or a resumed run, keeps it."""
+    own = {f"{hydra_cfg.job.name}.log", str(hydra_cfg.output_subdir), JOB_JSON}
+    if not run_dir.is_dir() or any(entry.name not in own for entry in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # -- one-line errors for what Hydra rejects while composing (bad key, type, group option) ----------------
@@ -248,10 +304,17 @@ def precheck(argv: list[str]) -> str | None:
     try:
         variants = _variants(list(args.overrides))
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="precheck"):
-            for overrides in variants:
-                compose(config_name="config", overrides=overrides)
+            configs = [compose(config_name="config", overrides=overrides) for overrides in variants]
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        return _composition_error_line(err)
+        line = _composition_error_line(err)
+        if "num_steps" in line and any(o.startswith("budget.") for o in args.overrides):
+            line += " (budget.nfe picks num_steps for each method: leave num_steps out)"
+        return line
+    try:
+        for cfg in configs:
+            check_budget_input(cfg)  # e.g. -m num_steps=10,20 beside budget.nfe: every job would fail
+    except ConfigError as err:
+        return str(err)
     return None
 
 
@@ -273,17 +336,26 @@ def multirun_first(argv: list[str]) -> list[str]:
     return flags[:1] + [a for a in argv if a not in MULTIRUN_FLAGS]
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
 def main() -> None:
-    """Console entry point: exit code 0, 2 (config, model or data errors) or 1 (other failures)."""
+    """Console entry point: exit code 0, 2 (config, model or data errors), 1 (other failures) or 130 (Ctrl-C:
+    one line saying what is saved; the parts written so far stay valid and a rerun resumes)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.argv[1:] = multirun_first(sys.argv[1:])
-    error = precheck(sys.argv[1:])
-    if error is not None:
+    try:
+        error = precheck(sys.argv[1:])
+        if error is not None:
+            _stderr_logging()
+            log.error("%s", error)
+            sys.exit(2)
+        OUTCOME.update(code=0, failures=[])
+        app()
+    except KeyboardInterrupt as err:  # ddim_lab.experiment.Interrupted says how many image groups are saved
         _stderr_logging()
-        log.error("%s", error)
-        sys.exit(2)
-    OUTCOME.update(code=0, failures=[])
-    app()
+        log.error("%s", str(err) or "interrupted; rerun the same command to resume")
+        sys.exit(INTERRUPTED)
     if OUTCOME["code"]:
         sys.exit(OUTCOME["code"])
 

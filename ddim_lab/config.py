@@ -13,6 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 TASKS = ("reconstruct", "edit", "sample", "alpha_plot", "controlnet")
+INPUT_TASKS = ("reconstruct", "edit", "controlnet")  # the tasks that read data.path
+FLOW_FAMILIES = ("sd3", "flux")  # model families without a UNet (``model.family``)
+GRIDS = ("sheet", "groups")  # reconstruct/edit images: one contact sheet per job, or also one grid per group
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's conf/ (install with pip -e)
 SCHEMA_NAME = "ddim_lab_schema"
 LPIPS_NETS = ("alex", "vgg", "squeeze")
@@ -60,6 +63,14 @@ class DataSchema:
 
 
 @dataclass
+class BudgetSchema:
+    """``budget.nfe=K``: each method runs at the largest num_steps whose rows cost at most K model evaluations
+    (inversion + that row's trajectory, by the method's formulas; ``ddim_lab/budget.py``). None: off."""
+
+    nfe: int | None = None
+
+
+@dataclass
 class TuneSchema:
     """An Optuna sweep's objective, read from the results table a job wrote (``ddim_lab/tune.py``):
     the mean of ``metric`` over the edit rows, less ``penalty`` when the mean of ``floor_metric`` is under
@@ -89,7 +100,7 @@ class LabConfig:
     data: DataSchema = field(default_factory=DataSchema)
     logger: dict[str, Any] = field(default_factory=dict)
     task: str = "reconstruct"
-    num_steps: int = 50
+    num_steps: int = 50  # conf/config.yaml: ${unless_budget:50}, replaced by any setting (ddim_lab/budget.py)
     guidance_scale: Any = 1.0
     inversion: InversionSchema = field(default_factory=InversionSchema)
     start_step: Any = 0
@@ -106,6 +117,8 @@ class LabConfig:
     control: dict[str, Any] = field(default_factory=dict)  # conf/control: the ControlNet input signal
     controlnet: dict[str, Any] = field(default_factory=dict)  # conf/controlnet: the ControlNet model
     sampler: str = "ddim"  # task=controlnet: ddim | unipc | dpmpp
+    grids: str = "sheet"  # sheet: one contact sheet per job (grid_sheet.png) | groups: also one grid per group
+    budget: BudgetSchema = field(default_factory=BudgetSchema)
     tune: TuneSchema | None = None  # set by a tuning preset: the job returns its objective to the sweeper
 
 
@@ -121,7 +134,38 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "asset", lambda name: str(resources.files("ddim_lab") / "assets" / name)
         )
+    if not OmegaConf.has_resolver("unless_budget"):  # num_steps' default: ${unless_budget:50}
+        OmegaConf.register_new_resolver("unless_budget", lambda steps: steps)
+    if not OmegaConf.has_resolver("options"):  # `--help` lists each group's options: ${options:inverter}
+        OmegaConf.register_new_resolver("options", help_options)
     register_configs()
+
+
+def group_options(group: str, kind: str = "") -> list[str]:
+    """The options of config group ``group`` (its YAML files in :func:`config_dir`), sorted; ``kind``:
+    ``unet`` or ``flow`` keeps the models of that kind (by their ``family:`` key)."""
+    options = {p.stem: p for p in (config_dir() / group).glob("*.yaml")}
+    if kind:
+        flow = {name for name, p in options.items() if OmegaConf.load(p).get("family") in FLOW_FAMILIES}
+        options = {name: p for name, p in options.items() if (name in flow) == (kind == "flow")}
+    return sorted(options)
+
+
+HELP_INDENT = 16  # the column where `--help` lists a group's options
+
+
+def help_options(group: str, kind: str = "") -> str:
+    """``group_options`` as `--help` shows them: the default marked, wrapped under the first line's column."""
+    import textwrap
+
+    defaults = {}
+    for entry in OmegaConf.load(config_dir() / "config.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig):
+            defaults.update({str(k): str(v) for k, v in entry.items()})
+    names = [f"{o} (default)" if defaults.get(group) == o else o for o in group_options(group, kind)]
+    indent = " " * HELP_INDENT
+    lines = textwrap.wrap(", ".join(names), 110 - HELP_INDENT, break_on_hyphens=False)
+    return ("\n" + indent).join(lines)
 
 
 def config_dir() -> Path:
@@ -194,6 +238,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{key} is required: set {key}=...{hint}")
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+    check_data(cfg)
+    budgeted = OmegaConf.select(cfg, "budget.nfe") is not None
+    if budgeted:
+        from ddim_lab.budget import budget_steps, check_budget_input
+
+        check_budget_input(cfg)  # the budget picks num_steps: a num_steps of the user's beside it is refused
     n = cfg.num_steps
     if not isinstance(n, int) or n < 1 or n > 1000:
         raise ConfigError(f"num_steps={n!r} must be an integer in [1, 1000]")
@@ -216,7 +266,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eta < 0:
         raise ConfigError(f"eta={cfg.eta!r} must be >= 0")
     if cfg.task in ("reconstruct", "edit"):
-        check_inverter(cfg, starts)
+        if budgeted:
+            budget_steps(cfg)  # the inverter's check at the step count the budget gives, or too small a budget
+        else:
+            check_inverter(cfg, starts)
         check_editor(cfg)
     if cfg.task == "sample" and len(as_list(cfg.guidance_scale)) != 1:
         raise ConfigError("task=sample takes one guidance_scale; sweep several with -m guidance_scale=a,b")
@@ -237,12 +290,101 @@ def validate(cfg: DictConfig) -> None:
     from ddim_lab.control.checks import check_control
 
     check_control(cfg)
+    check_model_fit(cfg)
+    if cfg.get("grids", "sheet") not in GRIDS:
+        raise ConfigError(f"grids={cfg.grids!r} must be one of {', '.join(GRIDS)}")
     if cfg.get("tune") is not None:
         from ddim_lab.tune import check_tune
 
         if cfg.task != "edit":
             raise ConfigError(f"tune (an Optuna objective over edit rows) needs task=edit, got task={cfg.task}")
         check_tune(cfg.tune)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data.path`` of a task that reads images exists and holds an image (none is decoded here)."""
+    from ddim_lab.data import IMAGE_SUFFIXES, find_images
+
+    if cfg.task not in INPUT_TASKS:
+        return
+    path = Path(str(cfg.data.path))
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"data.path={cfg.data.path} does not exist{where}")
+    if path.is_dir() and not find_images(path):
+        raise ConfigError(f"data.path={cfg.data.path} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def config_family(model: DictConfig) -> str | None:
+    """The model's family from its config: ``family:`` (or a built model's ``arch.family``); ``sd`` for the
+    other shipped, built and hub models; None when only the model directory can tell (``model=local``)."""
+    family = model.get("family") or (model.get("arch") or {}).get("family")
+    if family:
+        return str(family)
+    return None if model.get("source") == "local" else "sd"
+
+
+def check_editor_fits(editor: str, model: str, family: str | None) -> None:
+    """Raise ConfigError when ``editor`` cannot run on a model of ``family`` (p2p needs a UNet)."""
+    if editor == "p2p" and family in FLOW_FAMILIES:
+        raise ConfigError(
+            f"editor=p2p controls a UNet's cross-attention; model={model} is a flow model ({family}) without"
+            " one: use editor=prompt_swap, or a UNet model"
+        )
+
+
+def known_family(model: DictConfig) -> str | None:
+    """``config_family``, else (``model=local``) the family its directory's model_index.json names; None
+    when that cannot be read (the loaded model tells)."""
+    family = config_family(model)
+    if family is not None:
+        return family
+    from ddim_lab.models.loading import ModelUnavailable, model_dir, model_family
+
+    spec = OmegaConf.to_container(model, resolve=True)
+    try:
+        return model_family(spec, model_dir(spec, ""))
+    except (ModelUnavailable, ValueError):
+        return None
+
+
+def check_inverter_fits(inverter: Any, model: DictConfig) -> None:
+    """Raise ConfigError when a flow-model knob of the inverter is set for a UNet model: ``inverter.time``
+    (where RF-Inversion's inversion evaluates the flow model)."""
+    time = inverter.get("time")
+    if time is None:
+        return
+    family = known_family(model)
+    if family is not None and family not in FLOW_FAMILIES:
+        raise ConfigError(
+            f"inverter.time={time} sets where a flow model's inversion evaluates; model={model.name} is a UNet"
+            f" model ({family}): drop inverter.time, or use a flow model (model=digits-flow, sd3-medium, ...)"
+        )
+
+
+def check_model_fit(cfg: DictConfig) -> None:
+    """The editor, the inverter and the ControlNet against the model, from configs alone (no weights): p2p on
+    a flow model, ``inverter.time`` on a UNet model, a ControlNet on a flow model or of another UNet's shape.
+    What only the loaded model can tell (a ``model=local`` family, a hub model not cached here) is checked
+    after loading (``ddim_lab.cli``)."""
+    family = config_family(cfg.model)
+    editor = (cfg.get("editor") or {}).get("name", "prompt_swap")
+    if cfg.task in ("reconstruct", "edit"):
+        check_editor_fits(editor, cfg.model.name, family)
+        check_inverter_fits(cfg.get("inverter") or {}, cfg.model)
+    controlnet = cfg.get("controlnet") or {}
+    if controlnet.get("source", "none") != "none" and cfg.task != "alpha_plot":
+        from ddim_lab.models.loading import check_controlnet_fit, controlnet_config, network_configs
+
+        if family in FLOW_FAMILIES:
+            raise ConfigError(
+                f"controlnet={controlnet.name}: ControlNets are UNet-only; model={cfg.model.name} is a flow"
+                f" model ({family}): use controlnet=none"
+            )
+        model = network_configs(cfg.model, cfg.cache.dir)
+        net = controlnet_config(controlnet, cfg.cache.dir)
+        if model is not None and net is not None:
+            check_controlnet_fit(*model, net, controlnet.name, cfg.model.name)
 
 
 def check_inverter(cfg: DictConfig, starts: list[int]) -> None:

@@ -4,8 +4,10 @@ Steps: 1. load the inputs (``data.path``) and turn each into a control image wit
 edges, OpenPose skeletons, or a ready image); 2. build diffusers' ``StableDiffusionControlNetPipeline`` from
 the loaded model's components, the ControlNet and the sampler ``sampler=ddim|unipc|dpmpp``; 3. for each
 control image × prompt × seed, one seeded CPU generator per image (image j of a prompt uses seed
-``seed + j``), negative prompts, ``controlnet.scale`` and guidance start/end; 4. decode, save the images, the
-control images and a labelled grid (input | control | one column per prompt and seed), write the rows.
+``seed + j``), negative prompts, ``controlnet.scale`` and guidance start/end; 4. decode, score each result
+(control adherence: SSIM of its control image to the same signal of the result; on the digits model the digit
+judge's agreement with the prompt, ``tasks.generation_scores``), save the images, the control images and a
+labelled grid (input | control | one column per prompt and seed), write the rows.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ddim_lab.control.base import ControlSignal, save_control_images
 from ddim_lab.data import Item, load_dataset
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
+from ddim_lab.tasks import generation_scores
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,8 @@ def controlnet_task(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) 
         )
     results = model.decode(latents)
     torch.save(latents, run_dir / "latents.pt")
+    row_controls = controls[[i for i, *_ in jobs]]  # (B, 3, R, R): each row's control image
+    scores = generation_scores(cfg, results, [p for _, p, *_ in jobs], row_controls, signal)
     seconds = (time.perf_counter() - start) / len(jobs)
     shared = schema.generation_values(cfg) | {
         "scheduler": cfg.sampler,  # the pipeline's sampler, not the lab's DDIM scheduler config
@@ -183,6 +188,8 @@ def controlnet_task(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) 
                 **shared
                 | settings
                 | {"image": items[i].name, "prompt": p, "guidance_scale": g, "seed": s, "output": f"{name}.png"}
+                | {k: v[r] for k, v in scores.items()}
+                | {"unet_evals": cfg.num_steps * (2 if g > 1 else 1)}  # the pipeline guides only above 1
             )
         )
     table = write_results(rows, run_dir)

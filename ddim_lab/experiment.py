@@ -5,8 +5,9 @@
 2. for each group of images: encode (posterior mean), VAE round-trip, take each image's inversion artifact
    from the cache or compute it, sample every grid point (guidance × start step × target prompt) as one
    batched set of trajectories through the inverter's sampler, decode, measure against the input, record;
-3. write the result rows after every group (nothing is lost if a later group fails), save labelled grids,
-   mirror to the logger.
+3. write the result rows and a labelled grid after every group (nothing is lost if a later group fails or
+   Ctrl-C stops the run), mirror to the logger; at the end, merge the rows and stack the groups' grids into
+   one contact sheet (``grids=groups`` also keeps each group's grid as ``grid_NNN.png``).
 
 Network passes are counted by the denoiser and checked against the minimum each inverter states by formula.
 """
@@ -21,7 +22,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab import schema
+from ddim_lab.budget import RowPoint, apply_budget, chosen_steps, explicit_num_steps, grid_rows, row_cost
 from ddim_lab.cache import InversionCache, inversion_key
 from ddim_lab.config import as_list
 from ddim_lab.control import control_settings, make_control
@@ -81,12 +83,17 @@ def grid_points(cfg: DictConfig, item_targets: bool = False) -> list[GridPoint]:
     ]
 
 
+# model options that only label a model: what it computes never depends on them
+DESCRIPTIVE_MODEL_KEYS = frozenset({"name"})
+
+
 def model_identity(model: LatentModel, cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the weights: name, hub id or path, revision (hub commit or file fingerprint), dtype."""
-    spec = cfg.model
+    """What determines the model's outputs: every option of the resolved model config except the descriptive
+    ones (so a new option enters the cache key by itself: ``t5``, ``guidance``, ``resolution``, a built model's
+    recipe, ...), the weights' revision (hub commit or file fingerprint), the runtime dtype and ``vae_fp32``."""
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
     return {
-        "model": spec.name,
-        "model_ref": spec.get("id") or spec.get("path") or spec.source,
+        "model": {k: v for k, v in spec.items() if k not in DESCRIPTIVE_MODEL_KEYS},
         "revision": model.revision,
         "dtype": cfg.runtime.dtype,
         "vae_fp32": cfg.runtime.vae_fp32,
@@ -112,11 +119,14 @@ class Runner:
     def __init__(self, cfg: DictConfig, model: LatentModel) -> None:
         self.cfg = cfg
         self.model = model
+        budgeted = OmegaConf.select(cfg, "budget.nfe") is not None
+        if budgeted and not explicit_num_steps(cfg):  # the CLI applies it after validation; a bare config here
+            apply_budget(cfg)
         self.scheduler = model.scheduler(**cfg.scheduler.overrides)
         self.inverter = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True))
         self.plan = self.inverter.plan(self.scheduler, cfg.num_steps)
-        knobs = {k: v for k, v in self.inverter.key().items() if k != "method"}
-        self.knobs_json = json.dumps(knobs, sort_keys=True)  # rows of other knob values are never pooled
+        # every knob, sampling knobs too (the cache key leaves those out): rows of other values are never pooled
+        self.knobs_json = json.dumps(asdict(self.inverter), sort_keys=True)
         self.denoiser: UNetDenoiser = model.denoiser(self.scheduler)
         if bool((self.plan.alpha == 0).any()) and self.denoiser.prediction_type == "epsilon":
             raise ValueError(
@@ -158,7 +168,31 @@ class Runner:
             "pivots_computed": 0,
         }
         self.minimum = Cost()  # what the work done so far must cost, by the inverter's formulas
+        self._pivots: dict[str, Artifact] = {}  # the group's DDIM pivots by cache key (``artifacts``)
         self.started = time.perf_counter()
+        if budgeted:
+            self.check_budget()
+
+    def check_budget(self) -> None:
+        """``budget.nfe``: the step count chosen from the config (``ddim_lab.budget``) must be the one this
+        model's own scheduler and guidance mode give; raise ValueError otherwise."""
+        scheduler = self.model.scheduler(**self.cfg.scheduler.overrides)  # not self.scheduler: plans set steps
+        budget = int(self.cfg.budget.nfe)
+        steps = chosen_steps(
+            budget,
+            self.inverter,
+            self.editor,
+            lambda n: self.inverter.plan(scheduler, n),
+            grid_rows(self.cfg),
+            float(self.cfg.eta),
+            self.cost_guidance,
+        )
+        if steps != self.cfg.num_steps:
+            raise ValueError(
+                f"budget.nfe={budget}: this model gives inverter={self.inverter.name} num_steps={steps}, the"
+                f" config gave num_steps={self.cfg.num_steps} (does model.family / model.guidance say what the"
+                " model is? is num_steps set beside the budget?)"
+            )
 
     def cost_guidance(self, guidance: float) -> float:
         """The guidance the cost formulas see: a model with embedded guidance (FLUX.1-dev) takes the scale as an
@@ -225,30 +259,39 @@ class Runner:
         return found, todo
 
     def _pivot(self, items: list[Item], x0: torch.Tensor, guidance: float | None, spent: dict[int, Cost]):
-        """rows → DDIM trajectories (b, M+1, C, h, w) of those items, through the cache (null-text's pivot).
+        """rows → DDIM trajectories (b, M+1, C, h, w) of those items (null-text's pivot): from the group's memo
+        (``self._pivots``), else through the cache, else computed.
 
-        What computing a pivot cost is added to ``spent[row]``.
+        The pivot depends on the image and the inversion guidance only, so each is computed at most once per
+        group, cache or not, however many sampling guidances ask for it; the minimum counts it once by formula.
+        What computing a pivot cost is added to ``spent[row]`` (the artifact that first needed it).
         """
         inversion_guidance = self.inversion_guidance_for(guidance)
         method = DDIMInversion()
 
         def pivot(rows: torch.Tensor) -> torch.Tensor:
-            mine = [items[int(r)] for r in rows]
+            keys = [self.inversion_key(items[int(r)], guidance, method=method.key()) for r in rows]
+            new = [j for j, key in enumerate(keys) if key not in self._pivots]  # not yet met in this group
+            new_rows = rows[new]  # (n,)
+            new_items = [items[int(r)] for r in new_rows]
 
             def compute(todo: list[int]) -> Artifact:
-                todo_items = [mine[j] for j in todo]
+                todo_items = [new_items[j] for j in todo]
                 cond = self.cond([it.prompt for it in todo_items], [inversion_guidance] * len(todo), todo_items)
                 ctx = InvertContext(batch_size=self.cfg.batch_size, progress=self.cfg.runtime.progress)
-                return method.invert(self.denoiser, x0[rows[todo]], self.plan, cond, ctx)
+                return method.invert(self.denoiser, x0[new_rows[todo]], self.plan, cond, ctx)
 
-            keys = [self.inversion_key(it, guidance, method=method.key()) for it in mine]
-            found, todo = self._through_cache(keys, lambda j: {"image": mine[j].name, "pivot": True}, compute)
+            found, todo = self._through_cache(
+                [keys[j] for j in new], lambda j: {"image": new_items[j].name, "pivot": True}, compute
+            )
+            self._pivots.update({keys[j]: art for j, art in zip(new, found, strict=True)})
             one = method.inversion_cost(self.plan, {}, 1.0, self.cost_guidance(inversion_guidance))
-            for j in todo:
-                spent[int(rows[j])] = spent.get(int(rows[j]), Cost()) + one
+            for j in todo:  # one per image and inversion guidance: the memo never lets a key come back here
+                row = int(new_rows[j])
+                spent[row] = spent.get(row, Cost()) + one
                 self.minimum += one
             self.evals["pivots_computed"] += len(todo)
-            return torch.stack([a["trajectory"] for a in found]).to(x0.device)
+            return torch.stack([self._pivots[key]["trajectory"] for key in keys]).to(x0.device)
 
         return pivot
 
@@ -270,13 +313,15 @@ class Runner:
         return art
 
     def artifacts(self, items: list[Item], x0: torch.Tensor) -> tuple[dict, dict]:
-        """Each image's artifact per guidance it serves ({(i, g): artifact}), and what it cost this run
-        ({(i, g): (Cost, cached)}), its pivot included.
+        """Each image's artifact per guidance it serves ({(i, g): artifact}), and what it costs
+        ({(i, g): (Cost, cached)}), the pivot this run computed for it included.
 
-        Guidance-independent inverters have one artifact per image, under g = None. A cached artifact cost
-        this run nothing.
+        Guidance-independent inverters have one artifact per image, under g = None. A cached artifact is
+        reported at its formula cost (what computing it costs), flagged cached; it adds nothing to the run's
+        minimum.
         """
         guidances = sorted({p.guidance for p in self.points}) if self.per_guidance else [None]
+        self._pivots = {}  # pivots are shared by the guidances of this group only
         found: dict[tuple[int, float | None], Artifact] = {}
         costs: dict[tuple[int, float | None], Cost] = {}
         for g in guidances:
@@ -287,15 +332,12 @@ class Runner:
                 lambda todo, g=g, spent=spent: self._invert([items[i] for i in todo], x0[todo], g, spent),
             )
             self.evals["inversions_cached"] += len(items) - len(todo)
-            for i, art in enumerate(arts):
-                found[i, g], costs[i, g] = art, (Cost(), True)
+            inverted_at = self.cost_guidance(self.inversion_guidance_for(g))
+            for i, art in enumerate(arts):  # every artifact at its formula cost; computed ones unflag below
+                cost = self.inverter.inversion_cost(self.plan, art, 1.0 if g is None else g, inverted_at)
+                found[i, g], costs[i, g] = art, (cost, True)
             for n, i in enumerate(todo):
-                cost = self.inverter.inversion_cost(
-                    self.plan,
-                    found[i, g],
-                    1.0 if g is None else g,
-                    self.cost_guidance(self.inversion_guidance_for(g)),
-                )
+                cost = costs[i, g][0]
                 self.minimum += cost
                 costs[i, g] = (cost + spent.get(n, Cost()), False)
         return found, costs
@@ -427,6 +469,14 @@ class Runner:
                     inversion_unet_evals=cost.forwards,
                     inversion_unet_backwards=cost.backwards,
                     inversion_cached=cached,
+                    nfe=row_cost(
+                        self.inverter,
+                        self.editor,
+                        self.plan,
+                        artifacts[i, p.guidance if self.per_guidance else None],
+                        RowPoint(p.guidance, self.inversion_guidance_for(p.guidance), p.start_step, edit),
+                        self.cost_guidance,
+                    ).forwards,
                     sample_seed=self.sample_seed(first_index + i, j) if cfg.eta > 0 else None,
                     seconds=seconds,
                     peak_memory_mb=memory,
@@ -487,7 +537,7 @@ class Runner:
             **extra,
             **self.evals,
             "inverter": self.inverter.name,
-            "inverter_knobs": self.inverter.key(),
+            "inverter_knobs": asdict(self.inverter),
             "formula": self.inverter.formula,
             "editor": {"name": self.editor.name, **self.editor.knobs()},
             "unet_evals": self.evals["inversion"] + self.evals["sampling"],
@@ -544,31 +594,36 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
     if len(todo) < len(mine):
         log.info("%d of %d image groups already done: skipped", len(mine) - len(todo), len(mine))
     computed = 0
-    for n in todo:
-        first = firsts[n]
-        part = items[first : first + group]
-        try:
-            new_rows, columns = runner.run_group(part, first)
-        except (
-            RuntimeError,
-            ValueError,
-            NonFiniteResult,
-        ) as err:  # out of memory, NaN, a bad image: this group only
-            record_group_failure(run_dir, n, part, err)
-            continue
-        if runner.control is not None:  # control settings in the rows, control images beside the results
-            new_rows = [{**r, **control_settings(cfg)} for r in new_rows]
-            save_control_images(run_dir / "controls", [it.name for it in part], runner.control_images(part))
-        grid = save_grid(
-            run_dir / f"grid_{n:03d}.png",
-            list(columns.items()),
-            [f"{it.name}: {it.prompt}" for it in part],
-            captions=tile_captions(list(columns), new_rows, len(part)),  # each tile's PSNR under it
-        )
-        write_part(new_rows, run_dir, names[n])  # the group is done once its part exists
-        logger.log_image(grid, f"images {first}–{first + len(part) - 1}")
-        computed += len(part)
-        log.info("images %d/%d done", first + len(part), len(items))
+    grids = [group_grid_path(run_dir, n, names[n], cfg.get("grids", "sheet")) for n in range(len(names))]
+    try:
+        for n in todo:
+            first = firsts[n]
+            part = items[first : first + group]
+            try:
+                new_rows, columns = runner.run_group(part, first)
+            except (
+                RuntimeError,
+                ValueError,
+                NonFiniteResult,
+            ) as err:  # out of memory, NaN, a bad image: this group only
+                record_group_failure(run_dir, n, part, err)
+                continue
+            if runner.control is not None:  # control settings in the rows, control images beside the results
+                new_rows = [{**r, **control_settings(cfg)} for r in new_rows]
+                save_control_images(run_dir / "controls", [it.name for it in part], runner.control_images(part))
+            grid = save_grid(
+                grids[n],
+                list(columns.items()),
+                [f"{it.name}: {it.prompt}" for it in part],
+                captions=tile_captions(list(columns), new_rows, len(part)),  # each tile's PSNR under it
+            )
+            write_part(new_rows, run_dir, names[n])  # the group is done once its part exists
+            if cfg.get("grids", "sheet") == "groups":
+                logger.log_image(grid, f"images {first}–{first + len(part) - 1}")
+            computed += len(part)
+            log.info("images %d/%d done", first + len(part), len(items))
+    except KeyboardInterrupt:  # Ctrl-C: every finished group's part is saved; say how many
+        raise Interrupted(len(part_names(run_dir) & set(names)), len(names)) from None
     summaries = gather({**runner.summary(computed), "groups_skipped": len(mine) - len(todo)})
     barrier()
     done = part_names(run_dir)
@@ -579,6 +634,8 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
             raise GroupsFailed(f"{len(missing)} image group(s) failed; see {run_dir / GROUP_ERRORS}")
         return merged
     table = write_results(merged.to_dict("records"), run_dir)  # results.parquet/.csv: the parts merged
+    if not missing:
+        contact_sheet(run_dir, [existing_grid(run_dir, n, name) for n, name in enumerate(names)], logger)
     summary = summaries[0]
     if world > 1:  # counts add up over the processes
         for other in summaries[1:]:
@@ -589,7 +646,7 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
     summary["failed_groups"] = len(missing)
     summary["provenance"] = provenance(device=str(model.device), dtype=cfg.runtime.dtype)
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
-    log.info("UNet evaluations: %(unet_evals)d (minimum %(minimum_unet_evals)d)", summary)
+    log.info("model evaluations: %(unet_evals)d (minimum %(minimum_unet_evals)d)", summary)
     logger.log_rows(table)
     if missing:  # the finished groups are saved; a rerun computes only the failed ones
         raise GroupsFailed(
@@ -600,6 +657,46 @@ def reconstruct_or_edit(cfg: DictConfig, model: LatentModel, run_dir: Path, logg
 
 
 GROUP_ERRORS = "group_errors.jsonl"
+SHEET = "grid_sheet.png"  # a job's contact sheet: every image group's grid rows under one header
+
+
+def group_grid_path(run_dir: Path, n: int, part: str, grids: str) -> Path:
+    """Where image group ``n`` (part ``part``) saves its grid: ``grid_NNN.png`` with ``grids=groups``, else
+    beside its rows in ``parts/`` (what the contact sheet is made of)."""
+    from ddim_lab.records import parts_dir
+
+    return run_dir / f"grid_{n:03d}.png" if grids == "groups" else parts_dir(run_dir) / f"{part}.png"
+
+
+def existing_grid(run_dir: Path, n: int, part: str) -> Path | None:
+    """Image group ``n``'s saved grid, wherever an attempt with either ``grids`` setting put it."""
+    paths = [group_grid_path(run_dir, n, part, grids) for grids in ("groups", "sheet")]
+    return next((p for p in paths if p.exists()), None)
+
+
+def contact_sheet(run_dir: Path, grids: list[Path | None], logger) -> None:
+    """``grid_sheet.png``: the groups' grids under one header (as many as a viewable picture holds), mirrored
+    to the logger; kept as it is when some group's grid is missing."""
+    from ddim_lab.records import stack_grids
+
+    if not grids or any(g is None for g in grids):
+        log.warning("no contact sheet: %d of %d image groups have no saved grid", grids.count(None), len(grids))
+        return
+    made = stack_grids(grids, run_dir / SHEET)
+    if made is None:
+        return
+    path, shown, total = made
+    if shown < total:
+        log.info("%s shows the first %d of %d images; each group's grid: %s, …", SHEET, shown, total, grids[0])
+    logger.log_image(path, f"contact sheet: {shown} of {total} images")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job's image groups: how many groups have their rows saved (a rerun does the rest)."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"interrupted after {done} of {total} image groups; rerun the same command to resume")
+        self.done, self.total = done, total
 
 
 class NonFiniteResult(RuntimeError):

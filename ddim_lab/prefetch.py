@@ -4,9 +4,12 @@ On a machine with network, it downloads what the config (the same overrides as `
 the standard caches: a hub model's pipeline files through diffusers' ``DiffusionPipeline.download`` (only
 the files ``from_pretrained`` reads) into the Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``), for
 ``task=alpha_plot`` only its scheduler config, and the LPIPS backbone through torchvision into
-``$TORCH_HOME/hub/checkpoints``. ``--check`` uses no network: it lists each item as present or missing with
-its size and exits 1 when something is missing, so a cluster job never finds out after it has started.
-New kinds of weights (ControlNet, CLIP, annotators) join by adding an :class:`Item` in :func:`needed`.
+``$TORCH_HOME/hub/checkpoints``. ``--check`` uses no network. Either way it prints a table to stdout: each
+item present or missing, required or optional (what a run tolerates without: the LPIPS backbone under
+``metrics.lpips=auto`` gives NaN), with its size and place, then its verdict. The exit code is 1 when a
+required item is missing, so a cluster job never finds out after it has started; missing optional items
+are listed, not fatal. New kinds of weights (ControlNet, CLIP, annotators) join by adding an :class:`Item` in
+:func:`needed`.
 """
 
 from __future__ import annotations
@@ -33,15 +36,19 @@ class Item:
     locate: Callable[[], Path | None]
     fetch: Callable[[], object] | None  # None: nothing to download (shipped, built locally, your own files)
     expected_mb: float | None = None  # size when known before download
+    required: bool = True  # False: a run goes on without it (and says what it leaves out)
+    without: str = ""  # what a run does without an optional item
 
-    def check(self) -> tuple[bool, str]:
-        """(present, one-line description with size)."""
+    def check(self) -> tuple[bool, list[str]]:
+        """(present, its table cells: status, need, kind, name, size, place or what to do)."""
         path = self.locate()
+        need = "required" if self.required else "optional"
         if path is None:
-            size = f", about {human_size(self.expected_mb * 2**20)}" if self.expected_mb else ""
-            how = "" if self.fetch is not None else " (not downloadable: provide it yourself)"
-            return False, f"missing  {self.kind} {self.name}{size}{how}"
-        return True, f"present  {self.kind} {self.name} ({human_size(disk_size(path))}) at {path}"
+            size = f"~{human_size(self.expected_mb * 2**20)}" if self.expected_mb else "?"
+            how = "" if self.fetch is not None else "not downloadable: provide it yourself"
+            what = "; ".join(t for t in (how, "" if self.required else f"without it: {self.without}") if t)
+            return False, ["missing", need, self.kind, self.name, size, what]
+        return True, ["present", need, self.kind, self.name, human_size(disk_size(path)), str(path)]
 
 
 def human_size(n: float) -> str:
@@ -185,6 +192,8 @@ def lpips_items(cfg: DictConfig) -> list[Item]:
             lambda: _existing(path),
             lambda: weights.get_state_dict(progress=False),
             weights.meta.get("_file_size"),
+            required=cfg.metrics.lpips == "required",  # auto: a run records LPIPS as NaN and says so once
+            without="lpips is NaN (metrics.lpips=auto)",
         )
     ]
 
@@ -222,8 +231,32 @@ def needed(cfg: DictConfig) -> list[Item]:
     return [*model_items(cfg), *controlnet_items(cfg), *lpips_items(cfg)]
 
 
+def table(rows: list[list[str]]) -> str:
+    """Rows of cells as aligned text columns (the last column as it is)."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]).rstrip()
+        for row in rows
+    )
+
+
+def verdict(checked: list[tuple[Item, bool]]) -> str:
+    """The table's last line: ready or not, and what is missing."""
+    required = [i for i, present in checked if not present and i.required]
+    optional = [i for i, present in checked if not present and not i.required]
+    names = lambda items: ", ".join(f"{i.kind} {i.name}" for i in items)  # noqa: E731
+    if required:
+        line = f"NOT READY: {len(required)} required item(s) missing ({names(required)})"
+    else:
+        line = f"ready: every required item of {len(checked)} is present"
+    if optional:
+        line += f"; {len(optional)} optional item(s) missing ({names(optional)}), runs go on without them"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: 0 when everything is present (or was fetched), 1 when something is missing."""
+    """Console entry point: 0 when every required item is present (or was fetched), 1 when one is missing;
+    the table goes to stdout, fetch progress and errors to stderr."""
     parser = argparse.ArgumentParser(prog="ddim-lab-prefetch", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="no network: list what is present or missing")
     parser.add_argument("overrides", nargs="*", help="config overrides, as for ddim-lab (model=sd15 ...)")
@@ -238,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
 
         log.error("ddim-lab-prefetch: %s", _composition_error_line(err))
         return 2
-    items = needed(cfg)
-    missing = 0
-    for item in items:
-        present, line = item.check()
+    checked: list[tuple[Item, bool]] = []
+    rows = [["status", "need", "kind", "name", "size", "where / what to do"]]
+    for item in needed(cfg):
+        present, cells = item.check()
         if not present and not args.check and item.fetch is not None:
             if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and "hub" in item.kind:
                 log.error("cannot fetch %s %s: HF_HUB_OFFLINE is set", item.kind, item.name)
@@ -251,11 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                     item.fetch()
                 except Exception as err:  # network, auth, disk: one line per item, go on with the next
                     log.error("could not fetch %s %s: %s", item.kind, item.name, " ".join(str(err).split()))
-                present, line = item.check()
-        log.info("%s", line)
-        missing += not present
-    log.info("%d item(s) needed, %d missing", len(items), missing)
-    return 1 if missing else 0
+                present, cells = item.check()
+        checked.append((item, present))
+        rows.append(cells)
+    sys.stdout.write(table(rows) + "\n" + verdict(checked) + "\n")
+    return 1 if any(not present and item.required for item, present in checked) else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from ddim_lab.schema import BOOL_COLUMNS, COLUMNS, FLOAT_COLUMNS, INT_COLUMNS
 
@@ -36,6 +37,9 @@ GRID_PAD = 4  # pixels between cells and around the grid
 GRID_HEADER_LINES = 3  # most text lines in a column header
 GRID_CAPTION_LINES = 1  # text lines under each tile when a grid has tile captions (e.g. its PSNR)
 VAE_COLUMN = "VAE round-trip"  # the header of a reconstruct/edit grid's VAE column
+GRID_HEADER_KEY, GRID_ROWS_KEY = "ddim_lab:header_px", "ddim_lab:rows"  # a grid's layout, in its PNG text
+SHEET_MAX_PIXELS = 40_000_000  # a contact sheet stays a picture any viewer opens (120 MB as RGB)
+SHEET_MAX_HEIGHT = 32_000  # pixels; taller images are refused by many viewers and browsers
 _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
@@ -251,7 +255,54 @@ def save_grid(
         lines = _wrap(str(label), font, label_w - 2 * GRID_PAD, row_lines)
         _draw_lines(draw, (GRID_PAD, y0), lines, font, line_h)
 
-    return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+    layout = PngInfo()  # what stack_grids needs to cut this grid into its header and image rows
+    layout.add_text(GRID_HEADER_KEY, str(header_h))
+    layout.add_text(GRID_ROWS_KEY, str(n_rows))
+    return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG", pnginfo=layout))
+
+
+def stack_grids(
+    paths: Sequence[Path], out: Path, max_pixels: int = SHEET_MAX_PIXELS, max_height: int = SHEET_MAX_HEIGHT
+) -> tuple[Path, int, int] | None:
+    """One contact sheet from grids of the same columns (:func:`save_grid`'s, e.g. a job's image groups): the
+    first grid's header, then every grid's image rows in order, as ``save_grid`` would draw them all at once.
+    Whole grids are added while the sheet stays within ``max_pixels`` and ``max_height``.
+
+    Returns (path, image rows shown, image rows in all grids), or None (nothing written) when there is no grid
+    or one lacks the layout record (a grid saved before it existed) or has other columns.
+    """
+    bands: list[Image.Image] = []
+    header: Image.Image | None = None
+    shown = total = 0
+    height = GRID_PAD
+    full = False
+    for path in paths:
+        with Image.open(path) as grid:
+            header_h, rows = grid.text.get(GRID_HEADER_KEY), grid.text.get(GRID_ROWS_KEY)
+            if header_h is None or rows is None or (header is not None and grid.width != header.width):
+                logger.warning("no contact sheet: %s is not a grid of the same layout", path)
+                return None
+            total += int(rows)
+            if header is None:
+                header = grid.crop((0, 0, grid.width, int(header_h))).convert("RGB")
+                height += header.height
+            band_h = grid.height - GRID_PAD - int(header_h)
+            too_big = height + band_h > max_height or grid.width * (height + band_h) > max_pixels
+            full = full or (bool(bands) and too_big)
+            if not full:  # image rows stay in order: once one group does not fit, the sheet ends
+                bands.append(grid.crop((0, int(header_h), grid.width, int(header_h) + band_h)).convert("RGB"))
+                height += band_h
+                shown += int(rows)
+    if header is None:
+        return None
+    sheet = Image.new("RGB", (header.width, height), _BACKGROUND)
+    sheet.paste(header, (0, 0))
+    top = header.height
+    for band in bands:
+        sheet.paste(band, (0, top))
+        top += band.height
+    atomic_write(Path(out), lambda tmp: sheet.save(tmp, format="PNG"))
+    return Path(out), shown, total
 
 
 def psnr_caption(value: float | None) -> str:

@@ -189,9 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--figures", action="store_true", help="also plot metrics with interval bands (fig_*.png, pareto_*.png)"
     )
-    parser.add_argument("--html", action="store_true", help="also write report.html, one self-contained page")
     parser.add_argument(
-        "--images", default="", help="image ids for qualitative grids (comma-separated): qual_<id>.png"
+        "--html",
+        action="store_true",
+        help="also write report.html, a static page; its image grids are PNG files beside it (qual_NN.png)",
+    )
+    parser.add_argument(
+        "--images",
+        default="",
+        help="image ids for the qualitative grids, comma-separated (default with --html: the first 8 images)",
     )
     parser.add_argument(
         "--compare", default=None, help="config key to pair on the same images (default: inverter)"

@@ -1,6 +1,8 @@
-"""``report.html``: one self-contained static page (inline CSS and JS, images embedded as base64 PNG) that
-opens offline: the interval and paired tables (sortable by clicking a header), the figures, and for the
-chosen images their qualitative grid beside their per-image results."""
+"""``report.html``: one static page that opens offline (inline CSS and JS, nothing fetched from a network):
+the interval, cost and paired tables (sortable by clicking a header), the figures (embedded as base64 PNG),
+and the qualitative grids: the arms side by side on a subset of images (the first 8 unless ``--images``
+chooses), each grid a PNG file beside the page that the browser loads lazily, so a page over hundreds of
+images stays light."""
 
 from __future__ import annotations
 
@@ -12,11 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddim_lab.report_tables import Analysis, intervals_display, key_text, paired_display
+from ddim_lab.report_grids import QualGrid, qualitative_grids
+from ddim_lab.report_tables import (
+    COSTS_CAPTION,
+    Analysis,
+    costs_display,
+    intervals_display,
+    key_text,
+    paired_display,
+)
 from ddim_lab.schema import IMAGE, label
 
 REPORT_HTML = "report.html"
-PER_IMAGE_DEFAULT = 3  # images shown when none are chosen
 PER_IMAGE_METRICS = ("psnr", "ssim", "lpips", "latent_mse", "edit_success")
 
 _CSS = """
@@ -31,8 +40,8 @@ table.sortable th:hover{background:#e6e6e6}
 table.sortable th.asc::after{content:" \\25B2"}table.sortable th.desc::after{content:" \\25BC"}
 table.sortable td.t{text-align:left}
 .figs{display:flex;flex-wrap:wrap;gap:12px}.figs img{max-width:560px;border:1px solid #eee}
-.pair{display:flex;gap:16px;align-items:flex-start;margin:10px 0 24px}
-.pair .grid img{max-width:640px;border:1px solid #eee;image-rendering:pixelated}
+.grid{overflow-x:auto;margin:6px 0}.grid img{border:1px solid #eee;max-width:none}
+details{margin:4px 0 20px}summary{cursor:pointer;color:#555;font-size:13px}
 .scroll{overflow:auto;max-height:520px}
 """
 
@@ -91,14 +100,18 @@ def html_table(shown: pd.DataFrame, sort_values: pd.DataFrame | None = None, tab
 
 
 def _interval_sort_values(analysis: Analysis, shown: pd.DataFrame) -> pd.DataFrame:
-    """Numbers behind the interval table's cells (the means), so that clicking sorts numerically."""
+    """Numbers behind the interval table's cells (the means), so that clicking sorts numerically; the outcomes
+    of groups scored by construction have none, so they sort after every measured group either way."""
     t = analysis.intervals
     values = pd.DataFrame(index=range(len(t)))
+    values["#"] = np.arange(1, len(t) + 1, dtype=float)
     for k in analysis.keys:
         values[k] = pd.to_numeric(t[k], errors="coerce") if pd.api.types.is_numeric_dtype(t[k]) else None
     values["n"] = t["n"].astype(float)
-    for m in analysis.metrics:
+    for m in [*analysis.metrics, *analysis.references, *analysis.costs]:
         values[label(m)] = t[f"{m}_mean"].astype(float)
+    for m in analysis.metrics:
+        values.loc[t["by_construction"].to_numpy(), label(m)] = np.nan
     return values
 
 
@@ -115,12 +128,19 @@ def _paired_sort_values(analysis: Analysis) -> pd.DataFrame:
     )
 
 
-def per_image_table(analysis: Analysis, image: str) -> str:
-    """The rows of one image: its config keys and main metrics, sortable."""
-    rows = analysis.rows[analysis.rows[IMAGE].astype(str) == image]
+def rows_table(analysis: Analysis, images: list[str], arms: dict[str, str]) -> str:
+    """The rows of ``images`` (image order, then run order): arm, image, the varying keys and main metrics."""
+    df = analysis.rows
+    rows = df[df[IMAGE].astype(str).isin(images)]
+    order = {image: n for n, image in enumerate(images)}
+    rows = rows.iloc[np.argsort([order[i] for i in rows[IMAGE].astype(str)], kind="stable")]
     metrics = [m for m in PER_IMAGE_METRICS if m in analysis.metrics]
-    cols = [c for c in ["run_dir", *analysis.keys] if c in rows.columns]
-    shown = pd.DataFrame({c: [key_text(c, v) for v in rows[c]] for c in cols})
+    shown = pd.DataFrame(index=range(len(rows)))
+    if arms and "run_dir" in rows.columns:
+        shown["arm"] = [arms.get(str(r), "") for r in rows["run_dir"]]
+    cols = [c for c in [IMAGE, *analysis.keys] if c in rows.columns]
+    for c in cols:
+        shown[c] = [key_text(c, v) for v in rows[c]]
     values = pd.DataFrame(index=range(len(rows)))
     for m in metrics:
         numbers = pd.to_numeric(rows[m], errors="coerce").astype(float)
@@ -129,31 +149,69 @@ def per_image_table(analysis: Analysis, image: str) -> str:
     for c in cols:
         if pd.api.types.is_numeric_dtype(rows[c]):
             values[c] = pd.to_numeric(rows[c], errors="coerce").astype(float).to_numpy()
-    return html_table(shown.reset_index(drop=True), values)
+    return html_table(shown, values)
+
+
+def grids_html(analysis: Analysis, grids: list[QualGrid], out_dir: Path | None) -> list[str]:
+    """The grids section: each picture loaded lazily from its file beside the page, the arms' legend, and
+    each subset's rows (folded)."""
+    esc = html.escape
+    all_images = list(dict.fromkeys(analysis.rows[IMAGE].astype(str))) if IMAGE in analysis.rows else []
+    parts = ["<h2 id='grids'>Images</h2>"]
+    if not grids:
+        parts.append(
+            "<p class='meta'>(no saved grids: the runs saved none, or the chosen images are in no row)</p>"
+        )
+        return parts
+    shown = list(dict.fromkeys(i for g in grids for i in g.images))
+    parts.append(
+        f"<p class='meta'>{len(shown)} of {len(all_images)} images (choose others with "
+        f"<code>--images id1,id2</code>). Columns: the input and VAE round-trip once (a run of another model "
+        "has its own), then each arm's results, PSNR under each tile.</p>"
+    )
+    arms = {a.name: a for g in grids for a in g.arms}
+    legend = pd.DataFrame(
+        {
+            "arm": list(arms),
+            "run": [a.run.run_dir for a in arms.values()],
+            "settings": [a.caption or "(the only run)" for a in arms.values()],
+            "columns": [", ".join(a.labels) for a in arms.values()],
+        }
+    )
+    parts.append(html_table(legend, table_id="arms"))
+    run_arm = {a.run.run_dir: a.name for a in arms.values()}
+    for g in grids:
+        src = g.path.name if out_dir is None else Path(g.path).relative_to(out_dir).as_posix()
+        first, last = all_images.index(g.images[0]) + 1, all_images.index(g.images[-1]) + 1
+        names = ", ".join(a.name for a in g.arms)
+        parts.append(
+            f"<h3>images {first}–{last} · arms {esc(names)}</h3><div class='grid'>"
+            f"<img loading='lazy' decoding='async' src='{esc(src)}' width='{g.width}' height='{g.height}' "
+            f"alt='grid of {esc(', '.join(g.images))}'></div>"
+            "<details><summary>rows of these images</summary>"
+            f"{rows_table(analysis, g.images, run_arm)}</details>"
+        )
+    return parts
 
 
 def render_html(
     analysis: Analysis,
     figures: list[Path] = (),
-    grids: dict[str, Path] | None = None,
-    images: list[str] | None = None,
+    grids: list[QualGrid] = (),
     problems: list[str] | None = None,
     title: str = "ddim_lab report",
+    out_dir: Path | None = None,
 ) -> str:
-    """The page as one string. ``grids``: {image id: qualitative grid PNG}; ``images``: the ids to show per
-    image (default: those with grids, else the first few images)."""
-    grids = grids or {}
+    """The page as one string. ``grids``: the qualitative grids, PNG files beside the page (in ``out_dir``)."""
     df = analysis.rows
-    all_images = list(dict.fromkeys(df[IMAGE].astype(str))) if IMAGE in df.columns else []
-    if images is None:
-        images = list(grids) or all_images[:PER_IMAGE_DEFAULT]
+    n_images = df[IMAGE].nunique() if IMAGE in df.columns else 0
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
         f"<p class='meta'>rows: {len(df)} · runs: {df['run_dir'].nunique() if 'run_dir' in df else 1} · "
-        f"images: {len(all_images)} · grouped by: {esc(', '.join(analysis.keys) or 'nothing (one group)')} · "
+        f"images: {n_images} · grouped by: {esc(', '.join(analysis.keys) or 'nothing (one group)')} · "
         f"{esc(analysis.settings.describe())}. Click a column header to sort.</p>",
         *(f"<div class='note'>{esc(n)}</div>" for n in analysis.notes),
         *(f"<div class='note'>job: {esc(p)}</div>" for p in (problems or [])),
@@ -161,11 +219,16 @@ def render_html(
     ]
     shown = intervals_display(analysis)
     parts.append(html_table(shown, _interval_sort_values(analysis, shown), "intervals"))
+    costs = costs_display(analysis)
+    if not costs.empty:
+        parts.append("<h2>What each arm spent</h2>")
+        parts.append(f"<p class='meta'>{esc(COSTS_CAPTION.replace('`', ''))}</p>")
+        parts.append(html_table(costs, _interval_sort_values(analysis, costs), "costs"))
     if analysis.compare is not None:
         parts.append(f"<h2>Paired comparisons of {esc(analysis.compare)} on the same images</h2>")
         parts.append(
             "<p class='meta'>Δ = other − baseline per image; interval: bootstrap of the differences; "
-            "p: two-sided Wilcoxon signed-rank.</p>"
+            "p: two-sided Wilcoxon signed-rank. Outcome metrics only (costs are in the table above).</p>"
         )
         paired = paired_display(analysis)
         parts.append(html_table(paired, _paired_sort_values(analysis) if not paired.empty else None, "paired"))
@@ -173,24 +236,7 @@ def render_html(
         parts.append("<h2>Figures</h2><div class='figs'>")
         parts += [f"<img alt='{esc(Path(f).name)}' src='{_png_data_uri(f)}'>" for f in figures]
         parts.append("</div>")
-    if images:
-        parts.append("<h2>Per image</h2>")
-        for image_id in images:
-            match = [
-                i for i in all_images if i == image_id or Path(i).name == image_id or Path(i).stem == image_id
-            ]
-            if not match:
-                continue
-            grid = grids.get(image_id)
-            img = (
-                f"<img alt='grid of {esc(image_id)}' src='{_png_data_uri(grid)}'>"
-                if grid
-                else "<p class='meta'>(no saved grid)</p>"
-            )
-            parts.append(
-                f"<h3>{esc(match[0])}</h3><div class='pair'><div class='grid'>{img}</div>"
-                f"<div>{per_image_table(analysis, match[0])}</div></div>"
-            )
+    parts += grids_html(analysis, list(grids), out_dir)
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
 
@@ -198,7 +244,7 @@ def render_html(
 def write_html(analysis: Analysis, out_dir: Path, **kwargs) -> Path:
     from ddim_lab.records import atomic_write
 
-    text = render_html(analysis, **kwargs)
+    text = render_html(analysis, out_dir=Path(out_dir), **kwargs)
     return atomic_write(Path(out_dir) / REPORT_HTML, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -215,13 +261,15 @@ def write_outputs(
     problems: list[str] | None = None,
     append_markdown: Path | None = None,
 ) -> tuple[Analysis, list[Path]]:
-    """Everything beyond the merged table, from the saved rows ``df``: interval and paired tables, and on
-    request the figures, the qualitative grids of ``images`` and the static page.
+    """Everything beyond the merged table, from the saved rows ``df``: interval, cost and paired tables, and on
+    request the figures, the qualitative grids and the page.
 
+    Grids (``qual_NN.png``) are drawn for ``images`` when given, and for the page's default subset (the first
+    :data:`~ddim_lab.report_grids.PER_GRID` images) when ``page`` and no ``images``.
     ``append_markdown``: a markdown report (``report.md``) to which the interval and paired section is added.
     Returns the analysis and the files written."""
     from ddim_lab.records import atomic_write
-    from ddim_lab.report_figures import metric_figures, pareto_figures, qualitative_grids
+    from ddim_lab.report_figures import metric_figures, pareto_figures
     from ddim_lab.report_tables import analyze, intervals_markdown, write_tables
     from ddim_lab.stats import DEFAULT
 
@@ -232,14 +280,12 @@ def write_outputs(
         text = text.rstrip("\n") + "\n\n" + intervals_markdown(analysis)
         atomic_write(Path(append_markdown), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     plots: list[Path] = []
-    grids: dict[str, Path] = {}
+    grids: list[QualGrid] = []
     if figures or page:
         plots = metric_figures(analysis, out_dir) + pareto_figures(analysis, out_dir)
-    if images:
-        grids = qualitative_grids(analysis.rows, root, images, out_dir, analysis.keys)
-    written += plots + list(grids.values())
+    if images or page:
+        grids = qualitative_grids(analysis.rows, root, images or None, out_dir, analysis.keys)
+    written += plots + [g.path for g in grids]
     if page:
-        written.append(
-            write_html(analysis, out_dir, figures=plots, grids=grids, images=images, problems=problems)
-        )
+        written.append(write_html(analysis, out_dir, figures=plots, grids=grids, problems=problems))
     return analysis, written

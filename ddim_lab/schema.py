@@ -8,7 +8,10 @@ config columns from the run's config with :func:`config_values`.
 Roles:
 
 - ``config``: a setting of the run. Rows whose config keys differ are never averaged together.
-- ``metric``: a measurement (quality, cost, time); averaged within a group.
+- ``metric``: an outcome (quality of the result); averaged within a group and paired-tested across arms.
+- ``reference``: a measurement the method does not control (the VAE ceiling); averaged, never paired-tested.
+- ``cost``: what a row spent (model evaluations, time, memory); averaged within a group and reported in its
+  own table, never paired-tested (a cost follows from the method's formula, it is not an outcome).
 - ``bookkeeping``: identifies or describes a row (image id, cache flag, per-trajectory seed, run directory);
   neither a grouping key nor averaged.
 
@@ -26,8 +29,11 @@ import pandas as pd
 
 CONFIG = "config"
 METRIC = "metric"
+REFERENCE = "reference"
+COST = "cost"
 BOOKKEEPING = "bookkeeping"
-ROLES = (CONFIG, METRIC, BOOKKEEPING)
+ROLES = (CONFIG, METRIC, REFERENCE, COST, BOOKKEEPING)
+AVERAGED = (METRIC, REFERENCE, COST)  # the roles whose columns are averaged within a group
 
 STR, FLOAT, INT, BOOL = "object", "float64", "Int64", "boolean"
 
@@ -68,9 +74,10 @@ SCHEMA: tuple[Column, ...] = (
     Column("model", CONFIG, STR),
     Column("scheduler", CONFIG, STR),
     Column("inverter", CONFIG, STR),
-    Column("inverter_knobs", CONFIG, STR, "the inverter's knobs that change its artifact (JSON)"),
+    Column("inverter_knobs", CONFIG, STR, "every knob of the inverter, sampling knobs included (JSON)"),
     Column("scheduler_overrides", CONFIG, STR, "scheduler.overrides (JSON)"),
-    Column("num_steps", CONFIG, INT, "DDIM steps N", "steps"),
+    Column("num_steps", CONFIG, INT, "steps N of the schedule", "steps"),
+    Column("budget_nfe", CONFIG, INT, "budget.nfe: the row cost N was chosen to stay within", "model evals"),
     Column("inversion_guidance_scale", CONFIG, FLOAT),
     Column("guidance_scale", CONFIG, FLOAT),
     Column("start_step", CONFIG, INT, "sampling start step k", "steps"),
@@ -82,22 +89,56 @@ SCHEMA: tuple[Column, ...] = (
     Column("lpips", METRIC, FLOAT, "result vs input", "LPIPS distance", lower_is_better=True),
     Column("lpips_net", CONFIG, STR, "LPIPS backbone: numbers from different backbones are not comparable"),
     Column("latent_mse", METRIC, FLOAT, "result latent vs encoded input", "MSE", lower_is_better=True),
-    Column("vae_psnr", METRIC, FLOAT, "VAE ceiling (encode→decode)", "dB"),
-    Column("vae_lpips", METRIC, FLOAT, "VAE ceiling (encode→decode)", "LPIPS distance", lower_is_better=True),
-    Column("unet_evals", METRIC, INT, "sampling UNet evaluations", "UNet evals", lower_is_better=True),
-    Column("inversion_unet_evals", METRIC, INT, "inversion forwards spent", "UNet evals", lower_is_better=True),
+    Column("vae_psnr", REFERENCE, FLOAT, "VAE ceiling (encode→decode)", "dB"),
     Column(
-        "inversion_unet_backwards", METRIC, INT, "inversion backwards spent", "backwards", lower_is_better=True
+        "vae_lpips", REFERENCE, FLOAT, "VAE ceiling (encode→decode)", "LPIPS distance", lower_is_better=True
+    ),
+    Column("unet_evals", COST, INT, "sampling model evaluations", "model evals", lower_is_better=True),
+    Column(
+        "inversion_unet_evals",
+        COST,
+        INT,
+        "model forwards the row's inversion artifact costs (by its formula, cached or not)",
+        "model evals",
+        lower_is_better=True,
+    ),
+    Column(
+        "inversion_unet_backwards", COST, INT, "inversion backwards (formula)", "passes", lower_is_better=True
+    ),
+    Column(
+        "nfe",
+        COST,
+        INT,
+        "model forwards this row costs by its method's formulas: its inversion (pivot included) + trajectory",
+        "model evals",
+        lower_is_better=True,
     ),
     Column("inversion_cached", BOOKKEEPING, BOOL, "inversion came from the cache"),
     Column("sample_seed", BOOKKEEPING, INT, "per-trajectory seed when eta > 0 (derived from seed)"),
-    Column("seconds", METRIC, FLOAT, "wall time per row", "s", lower_is_better=True),
-    Column("peak_memory_mb", METRIC, FLOAT, "peak memory so far", "MB", lower_is_better=True),
+    Column("seconds", COST, FLOAT, "wall time per row", "s", lower_is_better=True),
+    Column("peak_memory_mb", COST, FLOAT, "peak memory so far", "MB", lower_is_better=True),
     # optional columns: written by some tasks only
     Column(
         PROTOCOL, CONFIG, STR, "benchmark protocol id: rows of different protocols are never pooled", core=False
     ),
     Column("edit_success", METRIC, FLOAT, "edit judged successful (0/1 or a rate)", "rate", core=False),
+    # generation rows (task=sample, task=controlnet): scores of the generated image itself
+    Column(
+        "judge_agreement",
+        METRIC,
+        FLOAT,
+        "the digit judge reads the digit the prompt names (0/1; digits models)",
+        "rate",
+        core=False,
+    ),
+    Column(
+        "control_ssim",
+        METRIC,
+        FLOAT,
+        "control adherence: SSIM of the control image to the same signal of the result (edge-SSIM for canny)",
+        "[0, 1]",
+        core=False,
+    ),
     # editing metrics on annotated (PIE-Bench-format) data, ddim_lab/edit_metrics.py
     Column("psnr_unedited", METRIC, FLOAT, "PSNR on the unedited region (mask inverted)", "dB", core=False),
     Column("ssim_unedited", METRIC, FLOAT, "SSIM on the unedited region", "[0, 1]", core=False),
@@ -170,7 +211,7 @@ FLOAT_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dt
 INT_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == INT)
 BOOL_COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.core and c.dtype == BOOL)
 CONFIG_KEYS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.role == CONFIG)
-METRICS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.role == METRIC)
+METRICS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.role == METRIC)  # outcomes only
 
 
 def role_of(name: str, series: pd.Series | None = None) -> str:
@@ -194,18 +235,24 @@ def config_columns(df: pd.DataFrame) -> list[str]:
     return known + [c for c in unknown_columns(df) if role_of(c, df[c]) == CONFIG]
 
 
-def metric_columns(df: pd.DataFrame) -> list[str]:
-    """Metrics present in ``df`` with at least one value: the schema's, then undeclared float columns."""
-    names = [c for c in METRICS if c in df.columns]
-    names += [c for c in unknown_columns(df) if role_of(c, df[c]) == METRIC]
+def metric_columns(df: pd.DataFrame, role: str = METRIC) -> list[str]:
+    """Columns of ``role`` (an averaged role: outcome metrics by default, or references, or costs) present in
+    ``df`` with at least one value, in schema order; undeclared float columns count as metrics."""
+    if role not in AVERAGED:
+        raise ValueError(f"role {role!r} is not averaged; choose one of {AVERAGED}")
+    names = [c.name for c in SCHEMA if c.role == role and c.name in df.columns]
+    names += [c for c in unknown_columns(df) if role_of(c, df[c]) == role]
     return [m for m in names if pd.to_numeric(df[m], errors="coerce").notna().any()]
 
 
 def _nunique(series: pd.Series) -> int:
+    """Distinct values of ``series``, every kind of missing (None, NaN, NA) counted as one value."""
+    present = series.dropna()
     try:
-        return series.nunique(dropna=False)
+        n = present.nunique()
     except TypeError:  # unhashable cells (lists): compare their text
-        return series.astype(str).nunique(dropna=False)
+        n = present.astype(str).nunique()
+    return n + int(bool(series.isna().any()))
 
 
 def image_attributes(df: pd.DataFrame, columns: list[str], ignore_missing: bool = False) -> list[str]:
@@ -267,7 +314,8 @@ def protocol_problem(df: pd.DataFrame) -> str | None:
     """One line when ``df`` mixes protocols (their numbers must not be averaged together), else None."""
     if PROTOCOL not in df.columns or _nunique(df[PROTOCOL]) < 2:
         return None
-    values = sorted("(none)" if pd.isna(v) else str(v) for v in df[PROTOCOL].drop_duplicates().tolist())
+    values = sorted(df[PROTOCOL].dropna().astype(str).unique())
+    values += ["(none)"] if df[PROTOCOL].isna().any() else []
     return (
         f"rows come from {len(values)} protocols ({', '.join(values)}): numbers from different protocols are "
         "not comparable, so the report groups by protocol and never averages or pairs rows across them"
@@ -298,6 +346,7 @@ RUN_CONFIG: dict[str, str] = {
     "inverter": "inverter.name",
     "scheduler_overrides": "scheduler.overrides",
     "num_steps": "num_steps",
+    "budget_nfe": "budget.nfe",
     "eta": "eta",
     "seed": "seed",
     "dtype": "runtime.dtype",

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ddim_lab.schema import IMAGE, PROTOCOL, QUALIFIES
+from ddim_lab.schema import IMAGE, METRIC, PROTOCOL, QUALIFIES, role_of
 
 METHODS = ("percentile", "bca")
 
@@ -244,10 +244,23 @@ def _levels(df: pd.DataFrame, key: str, qualifiers: list[str]) -> pd.Series:
     return level
 
 
-def paired_strata(keys: list[str], key: str) -> list[str]:
+# a key that each method derives from another column when that column is set: at a budget (``budget_nfe``)
+# every method picks its own num_steps, so the arms of one budget are paired across their different N
+DERIVED_FROM = {"num_steps": "budget_nfe"}
+
+
+def derived_keys(df: pd.DataFrame) -> list[str]:
+    """The columns of ``df`` that :data:`DERIVED_FROM` derives from a column set on every row."""
+    return [
+        k for k, src in DERIVED_FROM.items() if k in df.columns and src in df.columns and df[src].notna().all()
+    ]
+
+
+def paired_strata(keys: list[str], key: str, derived: list[str] = ()) -> list[str]:
     """The keys within whose combinations the values of ``key`` are paired: all others but ``key``'s own
-    qualifiers (``inverter_knobs`` differ between inverters by nature)."""
-    return [k for k in keys if k != key and QUALIFIES.get(k) != key]
+    qualifiers (``inverter_knobs`` differ between inverters by nature) and the ``derived`` keys (each method's
+    num_steps at a budget)."""
+    return [k for k in keys if k != key and QUALIFIES.get(k) != key and k not in derived]
 
 
 def paired_comparisons(
@@ -265,9 +278,15 @@ def paired_comparisons(
     sort order), per metric: the images measured under both, the mean paired difference ``b − a`` with its
     bootstrap interval, and the Wilcoxon signed-rank p-value. Several rows of one image in one cell (e.g. a
     repeated run) are averaged first. Never pairs across protocols (``protocol`` is a stratum key).
+
+    Only outcome metrics are tested: a cost (model evaluations, seconds) follows from the method and a
+    reference (the VAE ceiling) from the image, so a p-value on either says nothing (ValueError).
     """
+    not_outcomes = [m for m in metrics if role_of(m, df[m] if m in df.columns else None) != METRIC]
+    if not_outcomes:
+        raise ValueError(f"paired tests compare outcome metrics only, not costs or references: {not_outcomes}")
     qualifiers = [k for k in keys if QUALIFIES.get(k) == key]  # e.g. inverter_knobs when comparing inverters
-    strata = paired_strata(keys, key)
+    strata = paired_strata(keys, key, derived_keys(df))
     columns = [
         *strata,
         "key",

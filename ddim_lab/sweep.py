@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -32,7 +33,7 @@ ERROR_JSON = "error.json"
 SWEEP_JSON = "sweep.json"
 # settings that do not change a job's results: left out of its config hash, so a rerun that changes only them
 # still resumes (and skips finished jobs)
-VOLATILE_KEYS = (("runtime", "progress"), ("cache", "dir"), ("logger",))
+VOLATILE_KEYS = (("runtime", "progress"), ("cache", "dir"), ("logger",), ("grids",))
 
 # exit code of the last run or multirun in this process (read by ddim_lab.cli.main)
 OUTCOME: dict[str, Any] = {"code": 0, "failures": []}
@@ -144,10 +145,13 @@ def one_line(err: BaseException) -> str:
 def is_usage_error(err: BaseException) -> bool:
     """Config, model-availability and data errors (exit code 2), as opposed to failures while running."""
     from ddim_lab.data import DataError
-    from ddim_lab.metrics import LpipsUnavailable
     from ddim_lab.models.loading import ModelUnavailable
 
-    return isinstance(err, ConfigError | ModelUnavailable | DataError | FileNotFoundError | LpipsUnavailable)
+    # only an imported ddim_lab.metrics can have raised LpipsUnavailable; importing it here would pull in
+    # torchvision, which is what a broken install (ModelUnavailable's BrokenInstall) fails on
+    metrics = sys.modules.get("ddim_lab.metrics")
+    lpips = (metrics.LpipsUnavailable,) if metrics is not None else ()
+    return isinstance(err, (ConfigError, ModelUnavailable, DataError, FileNotFoundError, *lpips))
 
 
 def pinned_device(device: str, job_num: int, gpus: int) -> str:

@@ -1,10 +1,16 @@
-"""The tasks that need no input images: text-to-image sampling and the ᾱ_t plot of the seed notebook."""
+"""The tasks that need no input images: text-to-image sampling and the ᾱ_t plot of the seed notebook; and the
+scores of generated images (``sample`` and ``controlnet`` rows): the digit judge's agreement with the prompt
+on the digits models, and a ControlNet's control adherence."""
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -17,7 +23,60 @@ from ddim_lab.inversion import make_plan
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
 
+if TYPE_CHECKING:
+    from ddim_lab.control.base import ControlSignal
+
 log = logging.getLogger(__name__)
+
+
+JUDGED_SOURCES = ("digits", "digits-flow")  # models trained on the digits captions: the digit judge applies
+
+
+def prompt_digit(prompt: str) -> int | None:
+    """The digit a digits caption names (any of ``digits.TEMPLATES``: "a handwritten digit three", "digit 3"),
+    None when it names none or several."""
+    from ddim_lab import digits  # scikit-learn's data set: imported by the digits models' runs only
+
+    words = re.findall(r"[a-z]+|\d+", prompt.lower())
+    named = {digits.NAMES.index(w) for w in words if w in digits.NAMES}
+    named |= {int(w) for w in words if w.isdigit() and int(w) < len(digits.NAMES)}
+    return named.pop() if len(named) == 1 else None
+
+
+def generation_scores(
+    cfg: DictConfig,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    controls: torch.Tensor | None = None,
+    signal: ControlSignal | None = None,
+) -> dict[str, list[float]]:
+    """Per-row scores of generated ``images`` (B, 3, R, R) in [0, 1], the columns a generation row has:
+
+    - ``judge_agreement`` (digits models, rows whose prompt names one digit): 1.0 when ``ddim_lab.judge`` reads
+      that digit, 0.0 when not, NaN for a prompt naming none;
+    - ``control_ssim`` (``controls`` (B, 3, R, R) and the ``signal`` that made them from the inputs): SSIM of
+      each control image to the same signal of the result; edge-SSIM for Canny. Left out for ``control=image``,
+      whose control does not come from an image.
+    """
+    out: dict[str, list[float]] = {}
+    targets = [prompt_digit(p) for p in prompts]
+    if cfg.model.get("source") in JUDGED_SOURCES and any(t is not None for t in targets):
+        from ddim_lab.judge import train_judge
+
+        read = train_judge().predict(images)
+        out["judge_agreement"] = [
+            math.nan if t is None else float(r == t) for r, t in zip(read, targets, strict=True)
+        ]
+    if controls is not None and signal is not None and signal.name != "image":
+        from ddim_lab.metrics import ssim
+
+        out["control_ssim"] = ssim(signal(images), controls).tolist()
+    for name, values in out.items():
+        judged = [v for v in values if not math.isnan(v)]
+        log.info(
+            "%s: mean %.3f over %d of %d images", name, sum(judged) / len(judged), len(judged), len(values)
+        )
+    return out
 
 
 def sample_label(seed: int, eta: float, guidance: float, steps: int) -> str:
@@ -57,9 +116,12 @@ def text_to_image(cfg: DictConfig, model: LatentModel, run_dir: Path, logger) ->
         "unet_evals": cfg.num_steps * (1 if guidance in (0, 1) else 2),
         "seconds": seconds,
     }
+    scores = generation_scores(cfg, images, prompts)
     rows = [
         schema.row(
-            **shared | {"image": f"sample_{j:03d}", "prompt": p, "seed": int(cfg.seed) + j % cfg.num_images}
+            **shared
+            | {"image": f"sample_{j:03d}", "prompt": p, "seed": int(cfg.seed) + j % cfg.num_images}
+            | {k: v[j] for k, v in scores.items()}
         )
         for j, p in enumerate(prompts)
     ]

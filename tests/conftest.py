@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hub, the `tiny` random-weight model built once per session."""
+"""Shared fixtures: offline hub, the `tiny` random-weight model built once per session, the session's cache
+folder (a pytest tmp dir), and a guard that fails the session when tests wrote into the checkout."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, when diffusers/transformers are first imported
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -29,9 +31,15 @@ def model_spec(name: str, **arch_overrides) -> dict:
     return spec
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("ddim_lab_cache")
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """The session's cache folder (built models; inversions where a test enables the cache without its own
+    folder), a pytest tmp dir. ``DDIM_LAB_CACHE`` points at it for the whole session, so a config composed
+    without ``cache.dir`` never writes into the checkout either."""
+    path = tmp_path_factory.mktemp("ddim_lab_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DDIM_LAB_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +70,8 @@ DIGITS = ROOT / "ddim_lab" / "assets" / "digits-heldout"
 
 def lab_config(*overrides: str, model: str = "tiny", steps: int = 8, cache: Path | None = None):
     """The lab's config composed as the CLI composes it, for tests: CPU, no LPIPS, no progress bars;
-    ``cache=None`` disables the inversion cache."""
+    ``cache=None`` disables the inversion cache, and built models then go to the session's cache folder
+    (``cache_dir``, under pytest's tmp dir)."""
     from ddim_lab.config import compose_config
 
     base = [
@@ -72,6 +81,57 @@ def lab_config(*overrides: str, model: str = "tiny", steps: int = 8, cache: Path
         "runtime.device=cpu",
         "runtime.progress=false",
         f"cache.enabled={cache is not None}",
-        f"cache.dir='{cache or 'unused'}'",
+        f"cache.dir='{cache or os.environ['DDIM_LAB_CACHE']}'",
     ]
     return compose_config([*base, *overrides])
+
+
+# -- the suite never writes into the checkout ------------------------------------------------------------------
+# where a run (or a test that forgot its tmp dir) writes by default: the cache, Hydra's run folders, W&B, and
+# the folder an old test helper used
+WATCHED = (".cache", "outputs", "multirun", "wandb", "unused")
+ENTRIES = pytest.StashKey[dict]()
+
+
+def checkout_entries(root: Path = ROOT) -> dict[str, frozenset[str] | None]:
+    """Each watched path under ``root``: the names in it (a file: none), or None when it does not exist."""
+    found: dict[str, frozenset[str] | None] = {}
+    for name in WATCHED:
+        path = root / name
+        if path.is_dir():
+            found[name] = frozenset(p.name for p in path.iterdir())
+        else:
+            found[name] = frozenset() if path.exists() else None
+    return found
+
+
+def written_into(
+    before: dict[str, frozenset[str] | None], after: dict[str, frozenset[str] | None]
+) -> list[str]:
+    """What appeared between two ``checkout_entries``: watched paths created, new names in watched folders."""
+    new = []
+    for name, names in after.items():
+        if names is None:
+            continue
+        if before.get(name) is None:
+            new.append(f"{name}/")
+        else:
+            new.extend(f"{name}/{entry}" for entry in sorted(names - before[name]))
+    return new
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist) watches
+        session.config.stash[ENTRIES] = checkout_entries()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if ENTRIES not in session.config.stash:
+        return
+    written = written_into(session.config.stash[ENTRIES], checkout_entries())
+    if written:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        line = f"tests wrote into the checkout ({', '.join(written)}): write under tmp_path or cache_dir"
+        if reporter is not None:
+            reporter.write_line("\n" + line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -68,7 +68,8 @@ def test_quickstart_writes_results_grids_and_config(tmp_path):
         table.lpips.isna().all() and (table.lpips_net == "alex").all()
     )  # no backbone here: missing, not made up
     assert table.psnr.notna().all() and (table.vae_psnr > table.psnr).mean() > 0.9
-    assert list((run_dir).glob("grid_*.png")) and (run_dir / "config.yaml").exists()
+    assert [p.name for p in run_dir.glob("grid_*.png")] == ["grid_sheet.png"]  # one contact sheet per job
+    assert (run_dir / "config.yaml").exists()
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["unet_evals"] == summary["minimum_unet_evals"]
     assert proc.stderr.count("LPIPS (alex) is unavailable") == 1 and "metrics.lpips=off" in proc.stderr
@@ -131,6 +132,7 @@ def test_wandb_offline_run_writes_its_run_file(tmp_path):
         (["start_step=50"], "start_step=50 must be an integer in [0, num_steps=50)"),
         (["guidance_scale=-1"], "guidance_scale=-1 must be a number >= 0"),
         (["model=sd15"], "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        (["data.path=no/such/folder"], "data.path=no/such/folder does not exist (relative to"),
     ],
 )
 def test_bad_input_fails_with_one_clear_message(tmp_path, args, message):
@@ -141,6 +143,7 @@ def test_bad_input_fails_with_one_clear_message(tmp_path, args, message):
     assert len(errors) == 1
     if not args[0].startswith("model"):
         assert "loading model" not in proc.stderr  # rejected before any model loads
+    assert not (tmp_path / "bad").exists()  # no work done: no run directory, no cli.log, no error.json
 
 
 def test_unknown_group_option_names_the_choices(tmp_path):
@@ -264,6 +267,13 @@ def test_help_is_the_apps_own(tmp_path):
     assert proc.returncode == 0 and "Config groups" in proc.stdout and "inverter" in proc.stdout
     assert "train" not in proc.stdout.replace("constraint", "")
     assert "submitit_local" in proc.stdout and "ddim-lab-prefetch" in proc.stdout
+    # the options themselves, from the config groups (a wheel has no conf/ folder to point at)
+    assert "conf/" not in proc.stdout
+    listed = " ".join(proc.stdout.split())
+    for group in ("model", "inverter", "editor", "data", "controlnet", "experiment"):
+        for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
+            assert f" {option}," in listed or f" {option} " in listed, (group, option)
+    assert "ddim (default)" in listed and "digits (default)" in listed
 
 
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path):

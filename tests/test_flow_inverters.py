@@ -10,6 +10,8 @@
     On the Gaussian oracle the midpoint rule's O(Δ³) term vanishes identically (with k = a'/2a for a
     quadratic a, k k'/4 + k³/6 + k''/24 = 0), which is why a second, generic oracle is needed to see order 2;
 - ``rf_inversion`` with γ = η = 0 is ``flow_euler``; γ = 1 lands on its seeded noise, η = 1 on the source;
+  its η window (tests/test_rf_inversion_reference.py: the window against a transcription of the reference's,
+  ``time=reference``);
 - every method's counted evaluations equal its cost formula, mixed start steps batch exactly, artifacts
   round-trip through the cache, and a UNet (DDIM) scheduler is rejected with one line;
 - end to end through the engine on ``tiny-flow``: finite results, evaluations == formula.
@@ -155,7 +157,7 @@ def test_rf_inversion_controllers_reach_their_targets():
     # the default window: η on steps ⌊0·8⌋ … ⌊0.25·8⌋ − 1 = 0, 1 only
     default = make_inverter("rf_inversion")
     assert [default.eta_at(i, 8) for i in range(8)] == [0.9, 0.9] + [0.0] * 6
-    assert default.stochastic and set(default.key()) == {"method", "gamma"}
+    assert default.stochastic and set(default.key()) == {"method", "gamma", "time"}
 
 
 def test_uni_inv_zero_init_saves_the_first_evaluation():
@@ -224,6 +226,7 @@ def test_a_ddim_scheduler_is_rejected_and_a_flow_scheduler_gives_the_forward_eul
     [
         ({"name": "rf_inversion", "gamma": 1.5}, "gamma"),
         ({"name": "rf_inversion", "eta_start": 0.5, "eta_stop": 0.25}, "eta_start"),
+        ({"name": "rf_inversion", "time": "t"}, "time='t' must be one of sigma, reference"),
         ({"name": "uni_inv", "zero_init": 1}, "zero_init"),
     ],
 )

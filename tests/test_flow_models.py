@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from omegaconf import open_dict
 
 from ddim_lab.data import load_dataset
 from ddim_lab.ddim import sample
@@ -194,6 +195,73 @@ def test_fixed_point_inverts_the_top_step_too(tiny_flow, items):
 def test_inverters_that_need_a_ddim_schedule_say_so(tiny_flow, items, inverter, message):
     with pytest.raises(ValueError, match=message):
         run_grid(tiny_flow, items, inverter)
+
+
+# -- the cache key covers every model option (T5 among them) ----------------------------------------------
+
+
+def other_value(value):
+    """A value of the same kind that differs from ``value``."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, "other"]
+    if isinstance(value, dict):
+        return {**value, "other": 1}
+    return "other"
+
+
+def test_every_model_option_but_its_name_enters_the_cache_key(tiny_flow, items, tmp_path):
+    """The key holds every option of the resolved model config: changing any one (or adding one) changes it;
+    the name, a label, does not."""
+    base = lab_config(model="tiny-flow", steps=STEPS, cache=tmp_path)
+
+    def key(option: str, value) -> str:
+        cfg = base.copy()
+        with open_dict(cfg):
+            cfg.model[option] = value
+        return Runner(cfg, tiny_flow).inversion_key(items[0])
+
+    reference = Runner(base, tiny_flow).inversion_key(items[0])
+    options = [k for k in base.model if k != "name"]
+    assert {"t5", "guidance", "resolution", "arch", "seed", "words", "family"} <= set(options)
+    for option in options:
+        assert key(option, other_value(base.model[option])) != reference, option
+    assert key("an_option_added_later", 1) != reference
+    assert key("name", "renamed") == reference
+    for overrides in (["model.t5=false"], ["model.guidance=embedded"]):  # as the command line toggles them
+        assert Runner(lab_config(*overrides, model="tiny-flow", steps=STEPS), tiny_flow).inversion_key(
+            items[0]
+        ) != Runner(lab_config(model="tiny-flow", steps=STEPS), tiny_flow).inversion_key(items[0])
+
+
+def test_t5_changes_the_inversion_and_the_cache_never_serves_the_other_setting(
+    tiny_flow, items, cache_dir, tmp_path
+):
+    """SD3 with and without its T5 encoder (zeros in its place) inverts differently: each setting computes and
+    caches its own artifact, and a rerun is served its own."""
+    no_t5 = load_model({**model_spec("tiny-flow"), "t5": False}, {"device": "cpu"}, cache_dir)
+    assert tiny_flow.pipe.text_encoder_3 is not None and no_t5.pipe.text_encoder_3 is None
+    with_t5, zeros = (m.embed(["a cat"])[0, 77:] for m in (tiny_flow, no_t5))  # after the 77 CLIP tokens
+    assert with_t5.abs().max() > 0 and not zeros.any()
+    x0 = tiny_flow.encode(torch.stack([it.image for it in items]))
+    made = {}
+    for t5, model in ((True, tiny_flow), (False, no_t5), (True, tiny_flow)):
+        runner = Runner(
+            lab_config("inverter=ddim", f"model.t5={t5}", model="tiny-flow", steps=STEPS, cache=tmp_path), model
+        )
+        artifacts, costs = runner.artifacts(items, x0)
+        cached = {hit for _, hit in costs.values()}
+        assert cached == {t5 in made}, (t5, cached)  # computed the first time, served from the cache after
+        made.setdefault(t5, artifacts)
+        for i in range(len(items)):
+            assert torch.equal(artifacts[i, None]["trajectory"], made[t5][i, None]["trajectory"])
+    path = {t5: made[t5][0, None]["trajectory"] for t5 in made}  # the first image's (1, N+1, C, h, w)
+    assert (path[True] - path[False]).abs().max() > 1e-2 * path[True].abs().max()
 
 
 def test_pooled_embeddings_ride_with_their_rows(tiny_flow):

@@ -1,5 +1,6 @@
-"""Null-text inversion (Mokady et al. 2023): guided reconstruction on the digits model, batching, the engine's
-accounting, the cache key and entries.
+"""Null-text inversion (Mokady et al. 2023): guided reconstruction on the digits model, sampling from a later
+start step along null-text's own trajectory, batching, the engine's accounting (one pivot per image, cache or
+not), the cache key and entries.
 
 The optimisation runs on the shipped digits model (10 DDIM steps, three held-out digits, 8×8 latents); the
 engine's accounting on the ``tiny`` random-weight model.
@@ -87,6 +88,7 @@ def test_guided_reconstruction_beats_its_own_ddim_pivot(digits, setup, optimised
     assert artifact["trajectory"].shape == (B, N + 1, C, h, w)
     assert artifact["null"].shape == (B, N, *setup["cond"].null.shape[1:])
     assert artifact["inner_steps"].shape == (B, N)
+    assert artifact["latents"].shape == (B, N + 1, C, h, w)
     # the pivot is plain DDIM inversion at guidance 1
     pivot = invert(denoiser, x0, plan, setup["cond1"]).transpose(0, 1)
     torch.testing.assert_close(artifact["trajectory"], pivot, atol=1e-5, rtol=0)
@@ -119,6 +121,36 @@ def test_guidance_one_optimises_nothing_and_samples_like_ddim(digits, setup):
     out = inverter.sample(denoiser, plan, SampleRows(artifact, cond, cond, start, start.bool()))
     ddim = sample(denoiser, artifact["trajectory"][:, plan.start_index[0]], plan, cond)
     torch.testing.assert_close(out, ddim, atol=1e-6, rtol=0)
+    assert torch.equal(artifact["latents"], artifact["trajectory"])  # z̄ = z*: every start is on the pivot
+
+
+def test_later_start_steps_resume_null_texts_own_trajectory(digits, setup, optimised):
+    """∅_t was fitted at z̄_t: sampling from step k starts at z̄_k (``latents``), so the reconstruction from any
+    k lands on the same z̄_0 as from k = 0. Starting at the pivot's z*_k instead (the old behaviour, here
+    rebuilt by handing the sampler the pivot as ``latents``) lands elsewhere."""
+    inverter, denoiser, artifact = optimised
+    plan, B, N = setup["plan"], len(setup["x0"]), STEPS_DIGITS
+    latents, pivot = artifact["latents"], artifact["trajectory"]
+    top = plan.start_index[0]
+    assert torch.equal(latents[:, top], pivot[:, top])  # z̄_T = z*_T: start step 0 is unchanged
+    assert float((latents[:, 1:top] - pivot[:, 1:top]).abs().amax()) > 1e-2  # z̄ leaves the pivot below T
+    vae = digits.decode(setup["x0"])
+    z0 = latents[:, 0]  # z̄_0: the end of null-text's own trajectory
+    scale = float(z0.abs().max())
+
+    def from_step(k: int, art: dict) -> torch.Tensor:
+        start, cond = torch.full((B,), k, dtype=torch.long), setup["cond"]
+        return inverter.sample(denoiser, plan, SampleRows(art, cond, cond, start, start.bool()))
+
+    at_zero = psnr(digits.decode(from_step(0, artifact)), vae)  # (B,) dB
+    for k in (3, 6, N - 1):
+        out = from_step(k, artifact)
+        torch.testing.assert_close(out, z0, atol=1e-5 * scale, rtol=0)  # measured ≤ 6e-6 · scale
+        gap = at_zero - psnr(digits.decode(out), vae)
+        assert bool((gap.abs() < 0.01).all()), (k, gap)  # measured: < 1e-4 dB
+        # from the pivot's z*_k the fitted embeddings steer a latent they never saw: measured 0.03–0.4 off
+        off = from_step(k, {**artifact, "latents": pivot})
+        assert float((off - z0).abs().amax()) > 100 * 1e-5 * scale, k
 
 
 # -- 2. batched over images = one image at a time ---------------------------------------------------------
@@ -205,6 +237,33 @@ def test_engine_spends_exactly_the_formula(tiny, tiny_items, tmp_path):
     torch.testing.assert_close(alone, torch.tensor([r["latent_mse"] for r in rows]), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("inversion_guidance", ["1", "match"])
+def test_without_the_cache_the_pivot_is_computed_once_per_image_and_inversion_guidance(
+    tiny, tiny_items, inversion_guidance
+):
+    """cache.enabled=false, sampling guidances {1, 3}: the pivot depends on the image and the inversion guidance
+    only, so the group computes it once per image (per image and guidance with ``match``), and the counted
+    evaluations, the reported minimum and the formula written out here all agree."""
+    grid = [f"num_steps={STEPS}", "guidance_scale=[1,3]", "start_step=[0,3]", "inverter=null_text"]
+    overrides = [*grid, "inverter.inner_steps=2", f"inversion.guidance_scale={inversion_guidance}"]
+    runner = Runner(make_cfg(None, *overrides), tiny)
+    x0 = encode(tiny, tiny_items)
+    artifacts, _ = runner.artifacts(tiny_items, x0)
+    runner.sample_grid(tiny_items, artifacts)
+    inverted_at = [1.0] if inversion_guidance == "1" else [1.0, 3.0]
+    assert runner.evals["pivots_computed"] == len(tiny_items) * len(inverted_at)
+    pivots = len(tiny_items) * sum(STEPS * per_step(g) for g in inverted_at)
+    inner = sum(int(artifacts[i, 3.0]["inner_steps"].sum()) for i in range(len(tiny_items)))
+    null_text = len(tiny_items) * STEPS * 2 + inner  # at 3: conditional and final null forward per step, inner
+    sampling = len(tiny_items) * sum((STEPS - k) * per_step(g) for g in (1, 3) for k in (0, 3))
+    assert runner.denoiser.unet_evals == pivots + null_text + sampling == runner.minimum.forwards
+    assert runner.summary(len(tiny_items))["minimum_unet_evals"] == pivots + null_text + sampling
+    # the artifact of each sampling guidance holds that one pivot
+    for i in range(len(tiny_items)):
+        if inversion_guidance == "1":
+            assert torch.equal(artifacts[i, 1.0]["trajectory"], artifacts[i, 3.0]["trajectory"])
+
+
 def test_batched_inversion_through_the_engine_equals_one_image_at_a_time(tiny, tiny_items):
     """batch_size=1 optimises each image in its own UNet calls. In float32 Adam's normalised first step turns
     rounding-level gradients into lr-sized moves of single elements, so the comparison is of the samples, at
@@ -262,7 +321,7 @@ def test_artifact_round_trips_through_the_cache(tiny, tiny_items, tmp_path):
     art_a, _ = first.artifacts(tiny_items, x0)
     out_a = first.sample_grid(tiny_items, art_a)
     entry = InversionCache(tmp_path / "cache" / "inversions").load(first.inversion_key(tiny_items[0], 3.0))
-    assert entry is not None and set(entry) == {"trajectory", "null", "inner_steps"}
+    assert entry is not None and set(entry) == {"trajectory", "latents", "null", "inner_steps"}
     for k, v in entry.items():
         assert torch.equal(v, art_a[0, 3.0][k]) and v.dtype == art_a[0, 3.0][k].dtype
     second = Runner(cfg, tiny)

@@ -1,4 +1,4 @@
-"""``+experiment=nfe_matched``: both inverter families on one axis of model evaluations."""
+"""``+experiment=nfe_matched``: both inverter families at equal budgets of model evaluations."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import importlib.util
 
 import numpy as np
 import pandas as pd
+import pytest
 from hydra import compose, initialize_config_dir
 
+from ddim_lab.budget import budget_steps, explicit_num_steps
 from ddim_lab.config import config_dir
 from ddim_lab.inversion import INVERTERS
 from ddim_lab.records import write_results
@@ -26,56 +28,80 @@ def _study():
     return module
 
 
-def test_the_preset_sweeps_every_arm_and_each_arm_is_a_model_and_an_inverter():
+def test_the_preset_sweeps_every_arm_at_every_budget_and_every_arm_meets_them():
     cfg = _compose("+experiment=nfe_matched")
-    arms = [a.strip() for a in cfg.hydra.sweeper.params["+nfe_arm"].split(",")]
+    params = cfg.hydra.sweeper.params
+    arms = [a.strip() for a in params["+nfe_arm"].split(",")]
     assert sorted(arms) == sorted(p.stem for p in (config_dir() / "nfe_arm").glob("*.yaml"))
     assert cfg.cache.enabled is False and cfg.task == "reconstruct" and cfg.guidance_scale == 1.0
-    assert cfg.hydra.sweeper.params["data.captions"] == "true,false"
+    assert params["data.captions"] == "true,false" and "num_steps" not in params
+    budgets = [int(b) for b in params["budget.nfe"].split(",")]
+    assert min(budgets) <= 10 and max(budgets) >= 100
     families = set()
     for arm in arms:
         one = _compose("+experiment=nfe_matched", f"+nfe_arm={arm}")
         assert arm == f"{one.model.name}-{one.inverter.name}" and one.inverter.name in INVERTERS
+        assert not explicit_num_steps(one)  # the budget picks every arm's step count
         families.add(one.model.name)
+        for budget in budgets:  # no job of the sweep fails for too small a budget
+            one.budget.nfe = budget
+            assert budget_steps(one) >= 1
     assert families == {"digits", "digits-flow"}
 
 
-def test_the_study_matches_arms_by_evaluations(tmp_path):
+def _rows(model: str, inverter: str, budget: int, steps: int, nfe: int, psnr: float, rng) -> list[dict]:
+    return [
+        {
+            "image": f"img{i}",
+            "prompt": "",
+            "edit_prompt": "",
+            "model": model,
+            "inverter": inverter,
+            "num_steps": steps,
+            "budget_nfe": budget,
+            "nfe": nfe,
+            "start_step": 0,
+            "guidance_scale": 1.0,
+            "psnr": psnr + 0.5 * i + rng.normal(0, 0.05),
+            "lpips": float("nan"),
+            "vae_psnr": 41.0,
+        }
+        for i in range(6)
+    ]
+
+
+def test_the_study_groups_by_budget_and_pairs_arms_on_the_same_images(tmp_path):
     rng = np.random.default_rng(0)
-    # two arms: one spends 2 evaluations per step, the other 4; the dearer one is better per step
-    for j, (model, inverter, per_step, psnr) in enumerate(
-        (("digits", "ddim", 2, lambda n: 40 - 60 / n), ("digits-flow", "rf_solver", 4, lambda n: 40 - 10 / n))
-    ):
-        for k, steps in enumerate((5, 10, 25)):
-            rows = [
-                {
-                    "image": f"img{i}",
-                    "prompt": "",
-                    "edit_prompt": "",
-                    "model": model,
-                    "inverter": inverter,
-                    "num_steps": steps,
-                    "start_step": 0,
-                    "guidance_scale": 1.0,
-                    "psnr": psnr(steps) + rng.normal(0, 0.1),
-                    "lpips": float("nan"),
-                    "vae_psnr": 41.0,
-                    "unet_evals": per_step * steps // 2,
-                    "inversion_unet_evals": per_step * steps // 2,
-                }
-                for i in range(6)
-            ]
-            write_results(rows, tmp_path / "sweep" / f"{j}{k}")
+    # at each budget, Euler (2N) runs twice the steps of rf_solver (4N); rf_solver is 3 dB better at 20 only
+    arms = [
+        ("euler", "flow_euler", 20, 10, 20, 30.0),
+        ("euler", "flow_euler", 50, 25, 50, 33.0),
+        ("rf", "rf_solver", 20, 5, 20, 33.0),
+        ("rf", "rf_solver", 50, 12, 48, 33.0),
+    ]
+    for job, inverter, budget, steps, nfe, psnr in arms:
+        write_results(
+            _rows("digits-flow", inverter, budget, steps, nfe, psnr, rng), tmp_path / "sweep" / f"{job}{budget}"
+        )
     study = _study()
-    summary = study.table(study.load([tmp_path / "sweep"]))
-    assert list(summary["evals_mean"]) == [10, 20, 50, 20, 40, 100]
-    assert (summary["psnr_low"] < summary["psnr_mean"]).all() and (
-        summary["psnr_mean"] < summary["psnr_high"]
-    ).all()
-    matched = study.matched(summary, budgets=(20, 50)).set_index("inverter")
-    assert matched.loc["ddim", "PSNR ≤20"].endswith("(20 @ 10)")  # the best ddim within 20 evaluations
-    assert matched.loc["rf_solver", "PSNR ≤20"].endswith("(20 @ 5)")
-    assert matched.loc["rf_solver", "PSNR ≤50"].endswith("(40 @ 10)")
+    df = study.load([tmp_path / "sweep"])
+    summary = study.table(df)
+    assert list(summary["budget_nfe"]) == [20, 20, 50, 50]
+    assert list(summary["num_steps"]) == [10, 5, 25, 12] and list(summary["nfe_mean"]) == [20, 20, 50, 48]
+    assert (summary["psnr_low"] < summary["psnr_mean"]).all()
+    assert (summary["psnr_mean"] < summary["psnr_high"]).all()
+    across = study.across_budgets(summary).set_index("inverter")
+    assert across.loc["rf_solver", "PSNR ≤50"].endswith("(48 @ 12)")
+    pairs = study.paired(df).set_index("budget_nfe")  # rf_solver − flow_euler, paired over different N
+    assert list(pairs["other"]) == ["rf_solver", "rf_solver"] and (pairs["pairs"] == 6).all()
+    assert pairs.loc[20, "diff_low"] > 2.5 and pairs.loc[50, "diff_low"] < 0 < pairs.loc[50, "diff_high"]
     study.figure(summary, tmp_path / "nfe.png", vae_psnr=41.0)
     assert (tmp_path / "nfe.png").stat().st_size > 10_000
     assert pd.read_parquet(next((tmp_path / "sweep").glob("*/results.parquet")))["prompt"].eq("").all()
+
+
+def test_the_study_refuses_tables_without_a_budget(tmp_path):
+    rows = _rows("digits-flow", "flow_euler", 20, 10, 20, 30.0, np.random.default_rng(0))
+    write_results([{**r, "budget_nfe": None} for r in rows], tmp_path / "old")
+    with pytest.raises(ValueError, match="no row carries budget_nfe"):
+        _study().load([tmp_path])

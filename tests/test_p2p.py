@@ -1,5 +1,6 @@
-"""Prompt-to-prompt editing (ddim_lab/editing): identity, attention edits on the processor, token alignment,
-local blend, pairs under chunking, every inverter's source path, rows and accounting, config errors."""
+"""Prompt-to-prompt editing (ddim_lab/editing): identity, the replacement windows against a transcription of
+the reference's (google/prompt-to-prompt), attention edits on the processor, token alignment, local blend,
+pairs under chunking, every inverter's source path, rows and accounting, config errors."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from ddim_lab.config import ConfigError, validate
 from ddim_lab.editing import EditPrompts, make_editor
 from ddim_lab.editing.align import align, refine_map, replace_map, token_ids, word_tokens
 from ddim_lab.editing.attention import AttentionControl, Layout, P2PAttnProcessor
-from ddim_lab.editing.p2p import SOURCE, TARGET, attention_network
+from ddim_lab.editing.p2p import SOURCE, TARGET, PairedDenoiser, attention_network
 from ddim_lab.experiment import Runner, load_items
+from ddim_lab.inversion import make_inverter
 from ddim_lab.inversion.base import SampleRows
 from ddim_lab.models.tokenizer import build_tokenizer
 from tests.conftest import lab_config
+from tests.denoisers import sd_scheduler, toy_cond
 
 SOURCE_PROMPT, TARGET_PROMPT = "a handwritten digit three", "a handwritten digit eight"
 FULL = {"cross_replace_steps": 1.0, "self_replace_steps": 1.0, "target_word_weight": 1.0}  # weights 1
@@ -109,6 +112,61 @@ def test_identical_prompts_with_full_replacement_reproduce_the_reconstruction(di
         torch.testing.assert_close(out[take], recon, rtol=0, atol=1e-5)
         sampled = editor.sample(runner.inverter, runner.denoiser, runner.plan, rows, prompts)
         assert torch.equal(sampled, out[take])
+
+
+# -- 1b. the replacement windows, against the reference's alpha table ---------------------------------------
+def reference_window_steps(num_steps: int, cross: float, self_replace: float) -> tuple[list[int], list[int]]:
+    """The steps (cur_step) on which google/prompt-to-prompt's controller, built for ``num_steps`` steps,
+    replaces cross-attention (``ptp_utils.get_time_words_attention_alpha`` with a float cross_replace_steps:
+    ``update_alpha_time_word`` on an α table of num_steps + 1 rows, read at ``alpha[cur_step]``) and
+    self-attention (``AttentionControlEdit.num_self_replace``)."""
+    alpha = torch.zeros(num_steps + 1, 1, 77)  # (steps + 1, prompts − 1, max words)
+    bounds = 0, cross  # a float bound b is (0, b)
+    start, end = int(bounds[0] * alpha.shape[0]), int(bounds[1] * alpha.shape[0])
+    alpha[:start, 0, :] = 0
+    alpha[start:end, 0, :] = 1
+    alpha[end:, 0, :] = 0
+    self_bounds = 0, self_replace
+    num_self_replace = int(num_steps * self_bounds[0]), int(num_steps * self_bounds[1])
+    cross_steps = [s for s in range(num_steps) if bool(alpha[s, 0, 0] == 1)]
+    self_steps = [s for s in range(num_steps) if num_self_replace[0] <= s < num_self_replace[1]]
+    return cross_steps, self_steps
+
+
+def lab_window_steps(
+    num_steps: int, start: int, cross: float, self_replace: float
+) -> tuple[list[int], list[int]]:
+    """The steps s = i − k of a pair sampled from start step k on which ``PairedDenoiser`` marks the target's
+    cross- and self-attention for replacement (the flags the attention processors read)."""
+    tok = build_tokenizer(["a", "handwritten", "digit", "three", "eight"])
+    editor = make_editor({"name": "p2p", "cross_replace_steps": cross, "self_replace_steps": self_replace})
+    cond = toy_cond(1, 1.0, length=tok.model_max_length)
+    rows = SampleRows({}, cond, cond, torch.tensor([start]), torch.tensor([True]))
+    paired, _ = editor.pair(rows, EditPrompts([SOURCE_PROMPT], [TARGET_PROMPT], [None], tok))
+    plan = make_inverter("ddim").plan(sd_scheduler(), num_steps)
+    den = PairedDenoiser(None, AttentionControl(), plan, (cross, self_replace), None)
+    cross_steps, self_steps = [], []
+    for i in range(start, num_steps):
+        t = plan.timesteps[i].expand(len(paired.cond))
+        layout = den.layout(t, paired.cond, torch.device("cpu"))[0]
+        cross_steps += [i - start] if bool(layout.cross[0]) else []
+        self_steps += [i - start] if bool(layout.self_attention[0]) else []
+    return cross_steps, self_steps
+
+
+@pytest.mark.parametrize("num_steps", [7, 12, 17, 20, 50])
+def test_the_replacement_windows_are_the_references(num_steps):
+    """The reference's cross window is int(c · (N + 1)) steps: at N = 12, c = 0.4 that is 5 (⌊c · N⌋ = 4); the
+    self window int(N · s). From start step k the pair gets the reference's controller for N − k steps."""
+    for cross, self_replace in ((0.4, 0.6), (0.8, 0.4), (0.2, 0.5), (0.29, 0.7), (1.0, 1.0), (0.0, 0.0)):
+        for start in (0, 2, 5):
+            lab = lab_window_steps(num_steps, start, cross, self_replace)
+            assert lab == reference_window_steps(num_steps - start, cross, self_replace), (cross, start)
+
+
+def test_at_12_steps_the_cross_window_of_0_4_is_5_steps():
+    assert lab_window_steps(12, 0, 0.4, 0.6) == ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6])  # int(5.2), int(7.2)
+    assert lab_window_steps(12, 2, 0.4, 0.6) == ([0, 1, 2, 3], [0, 1, 2, 3, 4, 5])  # n = 10: int(4.4), int(6.0)
 
 
 # -- 2. the attention edits, on the processor ---------------------------------------------------------------

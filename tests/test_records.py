@@ -13,9 +13,9 @@ from ddim_lab.records import COLUMNS, GRID_PAD, save_grid, write_results
 
 SPEC = (
     "image, prompt, edit_prompt, negative_prompt, task, model, scheduler, inverter, inverter_knobs, "
-    "scheduler_overrides, num_steps, "
+    "scheduler_overrides, num_steps, budget_nfe, "
     "inversion_guidance_scale, guidance_scale, start_step, eta, seed, dtype, psnr, ssim, lpips, lpips_net, "
-    "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_unet_evals, inversion_unet_backwards, "
+    "latent_mse, vae_psnr, vae_lpips, unet_evals, inversion_unet_evals, inversion_unet_backwards, nfe, "
     "inversion_cached, sample_seed, seconds, peak_memory_mb"
 )
 

@@ -151,3 +151,19 @@ def test_group_interval_does_not_depend_on_other_groups():
     both = group_intervals(df, ["inverter"], ["psnr"], s)
     pd.testing.assert_series_equal(alone.iloc[0], both.iloc[0], check_names=False)
     assert list(both.columns) == ["inverter", "n", "psnr_mean", "psnr_low", "psnr_high", "psnr_n"]
+
+
+def test_num_steps_is_no_stratum_when_every_row_has_a_budget():
+    from ddim_lab.stats import derived_keys, paired_strata
+
+    df = _paired_frame(1.0).assign(budget_nfe=20)
+    df.loc[df.inverter == "null_text", "num_steps"] = 5  # each method's N at the same budget
+    assert derived_keys(df) == ["num_steps"]
+    keys = ["inverter", "num_steps", "budget_nfe"]
+    assert paired_strata(keys, "inverter", derived_keys(df)) == ["budget_nfe"]
+    out = paired_comparisons(df, "inverter", keys, ["psnr"], Bootstrap(resamples=200))
+    assert list(out["pairs"]) == [30] and out.loc[0, "diff_mean"] == pytest.approx(1.0, abs=0.3)
+    partial = df.astype({"budget_nfe": "Int64"})
+    partial.loc[0, "budget_nfe"] = pd.NA  # a row without a budget: N is a setting again
+    assert derived_keys(partial) == []
+    assert paired_comparisons(partial, "inverter", keys, ["psnr"], Bootstrap(resamples=200)).empty

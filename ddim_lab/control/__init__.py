@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,7 @@ def control_settings(cfg: DictConfig) -> dict[str, Any]:
     controlnet = cfg.get("controlnet") or {}
     return {
         "control": control.get("name", "none"),
-        "control_knobs": str({k: v for k, v in control.items() if k != "name"}),
+        "control_knobs": json.dumps({k: v for k, v in control.items() if k != "name"}, sort_keys=True),
         "controlnet": controlnet.get("name", "none"),
         "controlnet_scale": float(controlnet.get("scale", 1.0)),
         "control_guidance_start": float(controlnet.get("guidance_start", 0.0)),

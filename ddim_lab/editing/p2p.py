@@ -12,12 +12,23 @@ Control"): the target is sampled beside its source, in the same UNet calls, and 
    Layout` (the batch positions of each target and its source on the prompt branch, which of the pair's
    steps this is); the attention processors (``unet.set_attn_processor``) then edit the targets' cross- and
    self-attention (:mod:`ddim_lab.editing.attention`): replace or refine (token alignment,
-   :mod:`ddim_lab.editing.align`), re-weighting, during the first ``cross_replace_steps`` /
-   ``self_replace_steps`` of the pair's sampled steps (⌊fraction · (N − k)⌋ steps from start step k).
+   :mod:`ddim_lab.editing.align`), re-weighting, during the first steps of the pair (the windows below).
 3. **Local blend** on the blended words (:mod:`ddim_lab.editing.blend`), where the data names them
    (PIE-Bench's ``blended_word``) or ``blend_words`` does.
 4. The target rows' results are returned in the rows' order; an edit costs its target and its source
    trajectory.
+
+**Windows** (as the reference, google/prompt-to-prompt, counts them). Its controller is built for the number
+of steps n its sampler runs and counts the steps it has run (``cur_step``). Cross-attention is replaced on
+steps s < int(c · (n + 1)), c = ``cross_replace_steps``: ``ptp_utils.get_time_words_attention_alpha`` builds
+an α table of n + 1 rows and ``update_alpha_time_word`` sets rows [0, int(c · (n + 1))) to 1 (not ⌊c · n⌋:
+the two differ when c · n and c · (n + 1) straddle an integer, e.g. n = 12, c = 0.4: 5 steps, not 4).
+Self-attention is replaced on steps s < int(n · τ), τ = ``self_replace_steps`` (``AttentionControlEdit``'s
+``num_self_replace``). The reference always samples all N steps (n = N). A pair sampled from start step k
+runs n = N − k steps, and the lab gives it the controller the reference builds for a run of that many steps:
+the windows above with n = N − k, counted from the pair's first sampled step (s = i − k at plan step i). So a
+fraction keeps its meaning (the share of the edit's own steps) at every start step, and k = 0 is the
+reference exactly.
 
 With identical source and target prompts and full replacement (``cross_replace_steps`` =
 ``self_replace_steps`` = 1, any mode, weights 1) the target computes exactly what its source computes: the
@@ -72,8 +83,8 @@ class PromptToPrompt(Editor):
     """editor=p2p: attention control between each edit and its source, batched as pairs."""
 
     mode: str = "refine"  # refine: word alignment, any prompts | replace: token for token, same token count
-    cross_replace_steps: float = 0.4  # fraction of the sampled steps taking the source's cross-attention
-    self_replace_steps: float = 0.6  # same for self-attention (layers with ≤ 32² queries)
+    cross_replace_steps: float = 0.4  # c: the source's cross-attention on int(c·(n+1)) of the n sampled steps
+    self_replace_steps: float = 0.6  # τ: the source's self-attention (≤ 32² queries) on int(n·τ) steps
     reweight: dict[str, float] = field(default_factory=dict)  # target word → scale of its cross-attention
     target_word_weight: float = 2.0  # scale of the target's blended word (PIE-Bench reference: 2; 1 = off)
     local_blend: bool = True  # keep the edit where the blended words attend
@@ -271,6 +282,15 @@ def attention_network(denoiser: Denoiser) -> torch.nn.Module:
 
 
 # -- 2–3. control around each UNet call, local blend after it -------------------------------------------------
+def replace_windows(cross: float, self_replace: float, steps: int) -> tuple[int, int]:
+    """(cross, self): on how many of its first sampled steps a pair that samples ``steps`` steps takes its
+    source's cross- and self-attention, as the reference's controller built for ``steps`` steps does:
+    int(c · (steps + 1)) (its α table has steps + 1 rows), c = ``cross``, and int(steps · τ), τ =
+    ``self_replace``; Python's float products and ``int``, as the reference computes them. A window ≥
+    ``steps`` covers every step."""
+    return int(cross * (steps + 1)), int(steps * self_replace)
+
+
 class PairedDenoiser:
     """``base`` with prompt-to-prompt control: before each UNet call the layout of its pairs is set from the
     rows' tags, after it the targets' predictions are blended with their sources' outside the mask."""
@@ -330,17 +350,21 @@ class PairedDenoiser:
             )
         sources = torch.tensor([where[p] for p in pairs], dtype=torch.long)
         rows_t, rows_s = use_text[targets], use_text[sources]  # rows of cond
-        # the pair's step s of its n = N − k sampled steps, and the replacement windows ⌊fraction · n⌋
+        # the pair's step s = i − k of its n = N − k sampled steps, and the reference's windows for n steps
         step = torch.tensor([self.step_of[int(v)] for v in t.cpu()[rows_t].tolist()])
         start = extra[START].cpu()[rows_t]
-        done, n = step - start, (self.num_steps - start).double()
+        done = step - start  # (m,)
+        windows = [
+            replace_windows(self.cross_steps, self.self_steps, self.num_steps - k) for k in start.tolist()
+        ]
+        cross_window, self_window = torch.tensor(windows, dtype=torch.long).view(-1, 2).unbind(1)  # (m,) each
         blend = self.blend is not None and bool(extra[BLEND][rows_t].any() and extra[BLEND][rows_s].any())
         dev_t, dev_s = rows_t.to(extra[ROLE].device), rows_s.to(extra[ROLE].device)
         layout = Layout(
             target=targets.to(device),
             source=sources.to(device),
-            cross=(done < (self.cross_steps * n + 1e-9).floor()).to(device),
-            self_attention=(done < (self.self_steps * n + 1e-9).floor()).to(device),
+            cross=(done < cross_window).to(device),
+            self_attention=(done < self_window).to(device),
             token_map=extra[TOKEN_MAP][dev_t].to(device),
             aligned=extra[ALIGNED][dev_t].to(device),
             weight=extra[WEIGHT][dev_t].to(device),

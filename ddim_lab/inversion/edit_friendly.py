@@ -21,8 +21,10 @@ guidance; with the inversion's prompt and guidance it lands on x₀ exactly (up 
 the noisiest steps (T_skip = 36 of 100 steps, inversion guidance 3.5, target guidance 15): here ``skip`` only
 saves inversion evaluations; the start step of an edit is the grid's ``start_step`` (≥ skip).
 
-Deviations from the reference code (inbarhub/DDPM_inversion): it zeroes the last step's noise map
-(``zs[-1] = 0``), which loses exactness at the final step; here every map is kept, so reconstruction is exact.
+Deviations from the reference code (inbarhub/DDPM_inversion): it zeroes the noise map of the last sampling step
+(``zs[0] = 0``: its list runs from the cleanest step up), so its reconstruction misses x₀ by exactly
+σ_{N−1}·z_{N−1} (measured in ``tests/test_reference_parity_ddim_family.py``); here every map is kept, so
+reconstruction is exact.
 For η < 1 it shortens the ε direction by σ²/η (its ``1 − ᾱ_{t−1} − η·variance``), here by σ² (DDIM's
 Eq. 12); both are exactly invertible. A step with σ_t = 0 (the final step when ``set_alpha_to_one`` makes
 ᾱ_{t−1} = 1) has no noise to carry the difference: its map is 0 and that step lands on x̂₀, not on x₀.

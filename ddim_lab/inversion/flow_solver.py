@@ -10,7 +10,8 @@ latent x_σ of dx/dσ = v(x, σ) instead, with v = ε̂ − x̂₀ from any deno
 Levels: σ_i = ``plan.timesteps[i]`` / 1000 for sampling step i, and σ_N the plan's last level (0 for a full
 run). Inversion walks them up, σ_N → σ_{N−1} → … → σ_0, keeping every latent: the artifact ``trajectory``
 (B, N+1, C, H, W), index 0 the clean latent and index N−k where sampling step k starts (as ``inverter=ddim``).
-Sampling walks down from each row's start step.
+Sampling walks down from each row's start step. (A method may invert along other ascending levels:
+``invert_with(..., levels)``, as ``rf_inversion``'s ``time=reference`` does.)
 
 A step may hand a velocity on to the next one (FireFlow, Uni-Inv reuse the last evaluation): on a row's
 first step ``carried`` is None and the method evaluates afresh.
@@ -135,11 +136,18 @@ class FlowSolverInversion(FlowEulerInversion):
         plan: Plan,
         cond: Conditioning,
         ctx: InvertContext,
+        levels: torch.Tensor | None = None,
     ) -> Artifact:
-        """Walk clean latents x0 (B, C, H, W) up the plan's levels with ``step``; keep every latent."""
+        """Walk clean latents x0 (B, C, H, W) up the plan's levels with ``step``; keep every latent.
+
+        ``levels`` (N+1,) ascending replaces the plan's σ_N … σ_0 for a method whose inversion walks others
+        (``rf_inversion``'s ``time=reference``); trajectory index j is then the latent at ``levels[j]``.
+        """
         self.check(plan.num_steps, [], 0.0)
         check_flow_plan(plan, self.name)
-        up = flow_levels(plan).flip(0)  # (N+1,) σ_N = 0 … σ_0 = 1
+        up = flow_levels(plan).flip(0) if levels is None else levels  # (N+1,) σ_N = 0 … σ_0 = 1
+        if len(up) != plan.num_steps + 1 or bool((up[1:] <= up[:-1]).any()):
+            raise ValueError(f"inverter={self.name}: inversion levels must ascend through N+1 values")
         traj = walk(denoiser, x0, up, cond, step, 0, ctx.batch_size, True, self.name, ctx.progress)
         return {"trajectory": traj.contiguous()}  # (B, N+1, C, H, W)
 

@@ -11,13 +11,18 @@ embedding ∅_t so that one guided DDIM step from the current latent z̄_t lands
 with Adam (lr decaying over the steps), at most ``inner_steps`` iterations, stopping early when the loss
 falls below a threshold that grows over the steps; ∅_t starts from ∅_{t+1}'s result (the first from the
 negative prompt's embedding); then z̄_{t−1} = z_{t−1}(z̄_t, ∅_t, C) with the optimised ∅_t. Sampling with
-∅_t as the null branch of step t (reconstructions and edits alike) then starts from the pivot's latent.
+∅_t as the null branch of step t (reconstructions and edits alike) starts from null-text's own latent z̄ at
+the start step: ∅_t was fitted at z̄_t, not at the pivot's z*_t, so a start step k > 0 resumes the fitted
+trajectory (from z*_k the embeddings would steer a latent they were never fitted at). At k = 0 the two agree
+(z̄_T = z*_T).
 
-Artifact: ``trajectory`` (B, N+1, C, H, W) the pivot, ``null`` (B, N, L, D) the per-step null embeddings,
-``inner_steps`` (B, N) the Adam iterations each step used. It is optimised for one sampling guidance
-(``guidance_dependent``): the engine computes one per (image, guidance) and puts the guidance in the key. At
-guidance 1 the null branch is never evaluated: no optimisation, the null embeddings stay the negative
-prompt's, and the artifact costs nothing beyond the pivot.
+Artifact: ``trajectory`` (B, N+1, C, H, W) the pivot z*, ``latents`` (B, N+1, C, H, W) null-text's own
+trajectory z̄ in the same layout (index ``plan.start_index[k]`` holds the latent sampling step k starts from,
+index 0 the reconstruction z̄_0), ``null`` (B, N, L, D) the per-step null embeddings, ``inner_steps`` (B, N)
+the Adam iterations each step used. It is optimised for one sampling guidance (``guidance_dependent``): the
+engine computes one per (image, guidance) and puts the guidance in the key. At guidance 1 the null branch is
+never evaluated: no optimisation, the null embeddings stay the negative prompt's, z̄ is the pivot, and the
+artifact costs nothing beyond the pivot.
 
 Batching: the images of a chunk share every UNet call; each has its own Adam (its state is elementwise, but a
 zero gradient would still move it, so only images still optimising are stepped) and leaves the call set when
@@ -140,14 +145,15 @@ class NullTextInversion(Inverter):
             pivot = ctx.pivot(torch.arange(B))  # (B, N+1, C, H, W)
         else:
             pivot = invert(denoiser, x0, plan, cond, ctx.batch_size, ctx.progress).transpose(0, 1)
-        pivot = pivot.to(x0.device, x0.dtype)
+        pivot = pivot.to(x0.device, x0.dtype).contiguous()
         g = float(ctx.guidance)
         if cond.null is None:
             raise ValueError("inverter=null_text needs null (negative-prompt) embeddings to start from")
         null0 = cond.null.detach()  # (B, L, D)
-        if g == 1.0:  # the null branch is never evaluated: nothing to optimise
+        if g == 1.0:  # the null branch is never evaluated: nothing to optimise, z̄ = z*
             return {
-                "trajectory": pivot.contiguous(),
+                "trajectory": pivot,
+                "latents": pivot.clone(),
                 "null": null0[:, None].expand(B, N, *null0.shape[1:]).contiguous(),  # (B, N, L, D)
                 "inner_steps": torch.zeros(B, N, dtype=torch.long),
             }
@@ -165,8 +171,14 @@ class NullTextInversion(Inverter):
         )
         used = out["inner_steps"][:, 1:]  # (B, N)
         log.debug("null-text: %.2f inner steps per step on average", float(used.float().mean()))
+        # 3. z̄ in the pivot's layout: out["z"][:, i] (B, N+1, C, H, W) is the latent entering sampling step i
+        #    (i = N: the reconstruction z̄_0), kept at trajectory index start_index[i] (index 0 for z̄_0)
+        latents = torch.empty_like(pivot)
+        latents[:, plan.start_index.to(pivot.device)] = out["z"][:, :N].to(pivot)
+        latents[:, 0] = out["z"][:, N]
         return {
-            "trajectory": pivot.contiguous(),
+            "trajectory": pivot,
+            "latents": latents,
             "null": out["null"][:, 1:].contiguous(),  # (B, N, L, D): ∅ of sampling step i
             "inner_steps": used,
         }
@@ -236,7 +248,7 @@ class NullTextInversion(Inverter):
         batch_size: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        x = trajectory_start(rows.artifact, plan, rows.start)  # (B, C, H, W)
+        x = trajectory_start(rows.artifact, plan, rows.start, name="latents")  # z̄ at the start: (B, C, H, W)
         nulls = rows.artifact["null"]  # (B, N, L, D)
 
         def step(i: int, r: torch.Tensor, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,12 +19,12 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import import_module, metadata, resources
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
@@ -39,12 +39,48 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_HOST = ("huggingface.co", 443)
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")  # weights, configs, tokenizer files
 MIB = 1 << 20
-PIPELINES = {"sd": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
-FAMILY_OF_PIPELINE = {cls.__name__: family for family, cls in PIPELINES.items()}
+# family → its diffusers pipeline class, imported only when a model of that family loads (pipeline_class)
+PIPELINES = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FAMILY_OF_PIPELINE = {name: family for family, name in PIPELINES.items()}
 
 
 class ModelUnavailable(RuntimeError):
     """A model's weights cannot be had here; the message says how to provide them."""
+
+
+class BrokenInstall(ModelUnavailable):
+    """The installed packages cannot import a model family's pipeline (typically a torch and a torchvision that
+    are not a matching pair); the message names the installed pair."""
+
+
+def pipeline_class(family: str) -> type:
+    """The diffusers pipeline class of ``family`` (``sd``, ``sd3``, ``flux``), imported now: one family's
+    import never runs for another family's model. An import failure raises BrokenInstall, one line."""
+    name = PIPELINES[family]
+    try:
+        return getattr(import_module("diffusers"), name)
+    except (ImportError, RuntimeError, OSError, AttributeError) as err:
+        raise BrokenInstall(broken_install_message(f"diffusers' {name}", err)) from err
+
+
+def broken_install_message(what: str, err: BaseException) -> str:
+    """One line: what failed to import, the root cause (the innermost error of the chain, as the lazy import
+    machinery of diffusers and transformers wraps it twice), and the installed torch/torchvision pair."""
+    seen = [err]
+    while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 20:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    root = seen[-1]
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    reason = f"{type(root).__name__}: {lines[-1]}" if lines else type(root).__name__
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        vision = "(not installed)"
+    return (
+        f"cannot import {what} ({reason}): the installed torch {torch.__version__} and"
+        f" torchvision {vision} must be a matching pair (torchvision built for this torch); reinstall both"
+        " together from one package index (see the README, 'Set up and run'; `make` rebuilds a broken .venv)"
+    )
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -329,7 +365,7 @@ def load_model(
     family = model_family(spec, path)
     log.info("loading %s model %s from %s (%s, %s)", family, spec["name"], path, device, dtype)
     try:
-        pipe = PIPELINES[family].from_pretrained(path, dtype=dtype, **_pipeline_kwargs(family, spec, path))
+        pipe = pipeline_class(family).from_pretrained(path, dtype=dtype, **_pipeline_kwargs(family, spec, path))
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not load model {spec['name']} from {path}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
@@ -498,9 +534,14 @@ def shipped_controlnet_dir() -> Path:
     return Path(str(resources.files("ddim_lab") / "assets" / "digits-controlnet"))
 
 
-def controlnet_dir(spec: Mapping[str, Any]) -> Path:
-    """Where a ``controlnet`` config's diffusers directory is, per its ``source`` (hub, local, digits)."""
+def controlnet_dir(spec: Mapping[str, Any], cache_dir: str | os.PathLike = ".cache") -> Path:
+    """Where a ``controlnet`` config's diffusers directory is, per its ``source`` (hub, local, digits, build:
+    random weights from ``arch``, saved once under ``cache_dir/models``)."""
     source = spec["source"]
+    if source == "build":
+        from ddim_lab.models.build import built_controlnet_dir
+
+        return built_controlnet_dir(spec["arch"], spec.get("seed", 0), Path(cache_dir) / "models")
     if source == "hub":
         try:
             return _hub_dir(spec["id"], spec.get("revision"))
@@ -523,17 +564,20 @@ def controlnet_dir(spec: Mapping[str, Any]) -> Path:
         if not (path / "config.json").exists():
             raise ModelUnavailable(f"the shipped digits ControlNet is missing from {path}; reinstall ddim_lab")
         return path
-    raise ValueError(f"unknown controlnet source {source!r} (none, hub, local, digits)")
+    raise ValueError(f"unknown controlnet source {source!r} (none, hub, local, digits, build)")
 
 
 def load_controlnet(
-    spec: Mapping[str, Any], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    spec: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike = ".cache",
 ) -> tuple[Any, str]:
     """``ControlNetModel.from_pretrained`` of a ``controlnet`` config → (model in eval mode, fingerprint)."""
     from diffusers import ControlNetModel
 
     spec = _plain_dict(spec)
-    path = controlnet_dir(spec)
+    path = controlnet_dir(spec, cache_dir)
     log.info("loading ControlNet %s from %s (%s, %s)", spec["name"], path, device, dtype)
     try:
         net = ControlNetModel.from_pretrained(path, dtype=dtype)
@@ -543,9 +587,12 @@ def load_controlnet(
     return net.to(device).eval(), fingerprint(path)
 
 
-def attach_controlnet(model: LatentModel, spec: Mapping[str, Any] | None) -> LatentModel:
+def attach_controlnet(
+    model: LatentModel, spec: Mapping[str, Any] | None, cache_dir: str | os.PathLike = ".cache"
+) -> LatentModel:
     """Load the ControlNet a ``controlnet`` config names (``none`` → nothing) into ``model``, in the UNet's
-    dtype and on its device, with its ``scale``; ``model.denoiser()`` then adds its residuals."""
+    dtype and on its device, with its ``scale``; ``model.denoiser()`` then adds its residuals. Raises
+    ConfigError when the ControlNet does not fit the model's UNet (:func:`check_controlnet_fit`)."""
     spec = _plain_dict(spec or {"source": "none"})
     if spec.get("source", "none") == "none":
         model.controlnet, model.controlnet_revision = None, ""
@@ -555,6 +602,123 @@ def attach_controlnet(model: LatentModel, spec: Mapping[str, Any] | None) -> Lat
             f"controlnet={spec.get('name')}: ControlNets are UNet-only; model {model.name} is a"
             f" {model.family} flow model (use controlnet=none)"
         )
-    model.controlnet, model.controlnet_revision = load_controlnet(spec, model.network.dtype, model.device)
+    net, revision = load_controlnet(spec, model.network.dtype, model.device, cache_dir)
+    factor = int(model.pipe.vae_scale_factor)
+    check_controlnet_fit(dict(model.network.config), factor, dict(net.config), spec.get("name"), model.name)
+    model.controlnet, model.controlnet_revision = net, revision
     model.controlnet_scale = float(spec.get("scale", 1.0))
     return model
+
+
+# what must agree between a ControlNet and the UNet it feeds: its residuals are added to the UNet's skip
+# connections (channels and count per block), it attends to the same text embeddings, and its control image
+# is downsampled to the latent grid as the VAE downsamples images
+FIT_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+
+
+def _with_defaults(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` completed with ``cls.__init__``'s defaults (what a diffusers model built from it uses)."""
+    import inspect
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **dict(config)}
+
+
+def _per_block(value: Any, blocks: int) -> list:
+    """A per-block setting as a list (an int or a string means the same value for every block)."""
+    return list(value) if isinstance(value, list | tuple) else [value] * blocks
+
+
+def vae_factor(vae: Mapping[str, Any]) -> int:
+    """The VAE's downsampling factor from its config: 2^(len(block_out_channels) − 1), as the pipelines say."""
+    from diffusers import AutoencoderKL
+
+    return 2 ** (len(_with_defaults(AutoencoderKL, vae)["block_out_channels"]) - 1)
+
+
+def check_controlnet_fit(
+    unet: Mapping[str, Any], factor: int, controlnet: Mapping[str, Any], name: str, model: str
+) -> None:
+    """Raise ConfigError (one line naming what differs) when a ControlNet's config does not fit a UNet's (its
+    VAE downsampling by ``factor``): the :data:`FIT_KEYS`, and the control image's downsampling
+    (2^(len(conditioning_embedding_out_channels) − 1)) against ``factor``."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from ddim_lab.config import ConfigError
+
+    u = _with_defaults(UNet2DConditionModel, unet)
+    c = _with_defaults(ControlNetModel, controlnet)
+    blocks = len(u["down_block_types"])
+    differ = [
+        f"{key} {c[key]} vs {u[key]}"
+        for key in FIT_KEYS
+        if _per_block(c[key], blocks) != _per_block(u[key], blocks)
+    ]
+    control_factor = 2 ** (len(c["conditioning_embedding_out_channels"]) - 1)
+    if control_factor != factor:
+        differ.append(f"control image downsampled {control_factor}x vs the VAE's {factor}x")
+    if differ:
+        raise ConfigError(
+            f"controlnet={name} does not fit model={model} (ControlNet vs the model's UNet:"
+            f" {'; '.join(differ)}); a ControlNet is made for one UNet architecture (model=digits:"
+            " controlnet=digits-canny, model=tiny: controlnet=tiny, Stable Diffusion 1.5: sd15-canny,"
+            " sd15-openpose)"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _cached_hub_file(repo: str, revision: str | None, filename: str) -> Path | None:
+    """A file of a hub repo from the local Hugging Face cache only (None when it is not there)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several kinds)
+        return None
+
+
+def network_configs(
+    spec: Mapping[str, Any], cache_dir: str | os.PathLike = ".cache"
+) -> tuple[dict[str, Any], int] | None:
+    """(UNet config, VAE factor) of a UNet ``model`` config, read without loading (or building) weights: a built
+    model's from its recipe, a shipped or local model's from its folder, a hub model's from the local cache.
+    None when they cannot be read here (the loaded model is checked then)."""
+    spec = _plain_dict(spec)
+    if spec["source"] == "build":
+        arch = spec.get("arch") or {}
+        return (arch["unet"], vae_factor(arch["vae"])) if "unet" in arch and "vae" in arch else None
+    parts = ("unet/config.json", "vae/config.json")
+    if spec["source"] == "hub":
+        paths = [_cached_hub_file(spec["id"], spec.get("revision"), part) for part in parts]
+    else:
+        try:
+            paths = [model_dir(spec, cache_dir) / part for part in parts]
+        except (ModelUnavailable, ValueError):
+            return None  # the load says why
+    configs = [_read_json(p) if p is not None else None for p in paths]
+    return (configs[0], vae_factor(configs[1])) if all(c is not None for c in configs) else None
+
+
+def controlnet_config(spec: Mapping[str, Any], cache_dir: str | os.PathLike = ".cache") -> dict | None:
+    """A ``controlnet`` config's ``config.json`` without loading weights: a built one's ``arch``, a shipped or
+    local one's file, a hub one's from the local cache; None when it cannot be read here."""
+    spec = _plain_dict(spec)
+    if spec.get("source") == "build":
+        return dict(spec.get("arch") or {})
+    if spec.get("source") == "hub":
+        path = _cached_hub_file(spec["id"], spec.get("revision"), "config.json")
+        return _read_json(path) if path is not None else None
+    try:
+        return _read_json(controlnet_dir(spec, cache_dir) / "config.json")
+    except (ModelUnavailable, ValueError):
+        return None
