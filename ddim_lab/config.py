@@ -60,6 +60,7 @@ class DataSchema:
     path: str = MISSING
     categories: list[Any] | None = None  # PIE-Bench-format data: editing types to keep (None = all)
     captions: bool = True  # false: ignore the images' captions, every image's source prompt is `prompt`
+    scorers: list[str] = field(default_factory=list)  # the data set's row scores: names or "module:Class"
 
 
 @dataclass
@@ -80,6 +81,103 @@ class TuneSchema:
     floor_metric: str = "psnr_unedited"
     floor: float = 25.0
     penalty: float = 1.0
+
+
+# -- a study's declared tables and figures (``report:``; the vocabulary: ddim_lab/report_spec.py) ---------
+@dataclass
+class StudyCaseSchema:
+    when: dict[str, Any] = field(default_factory=dict)  # column → test: all must hold
+    value: str = MISSING
+
+
+@dataclass
+class StudyColumnSchema:
+    """A column derived from each row: one of ``cases`` (first that holds, else ``default``), ``format`` (a
+    template of the row's columns), ``sum``, ``difference`` (a − b) or ``per_image_of_job`` (a job's total over
+    its images)."""
+
+    cases: list[StudyCaseSchema] = field(default_factory=list)
+    default: str | None = None
+    format: str | None = None
+    sum: list[str] = field(default_factory=list)
+    difference: list[str] = field(default_factory=list)
+    fill: float | None = None  # sum/difference: what a missing value counts as (None: the result is missing)
+    per_image_of_job: str | None = None
+
+
+@dataclass
+class StudyRowsSchema:
+    """The rows every table and figure starts from: derived columns, then the ``where`` filter, then one row
+    per ``unique`` combination (a repeated computation kept once)."""
+
+    require: list[str] = field(default_factory=list)  # columns some row must have a value in
+    derive: dict[str, StudyColumnSchema] = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)
+    unique: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudyCellSchema:
+    metric: str | None = None
+    show: str = "interval"  # interval | mean | n | template
+    template: str | None = None  # fields: <metric>_mean/_low/_high/_n, n, columns
+    header: str | None = None
+    format: str | None = None  # a number format such as .2f (default: 4 significant digits)
+
+
+@dataclass
+class StudyTableSchema:
+    """``groups``: a row per ``group_by`` combination (columns repeated per ``spread`` value: a pivot);
+    ``paired``: ``compare``'s values against a baseline on the same images, within ``group_by``."""
+
+    file: str = MISSING  # markdown, relative to the output folder; tables naming one file share it, in order
+    kind: str = "groups"
+    caption: str = ""
+    group_by: list[str] = field(default_factory=list)
+    where: dict[str, Any] = field(default_factory=dict)
+    columns: list[StudyCellSchema] = field(default_factory=list)
+    spread: str | None = None
+    compare: str | None = None
+    baseline: str | None = None
+    per: str | None = None  # with baselines: one baseline per value of this column
+    baselines: dict[str, str] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=list)
+    layout: str = "long"  # paired: long (a row per comparison) | wide (levels side by side)
+    format: str | None = None
+    p_format: str = ".3g"
+    csv: str | None = None  # the numbers behind the table
+
+
+@dataclass
+class StudyFigureSchema:
+    """Each ``y`` metric (a row of panels) against ``x`` (a key, or a column's mean per point), a line per
+    ``lines`` combination through the values of ``along``, a column of panels per ``panels`` value."""
+
+    file: str = MISSING  # PNG, relative to the output folder
+    x: str = MISSING
+    y: list[str] = field(default_factory=list)
+    along: str | None = None  # default: x
+    lines: list[str] = field(default_factory=list)
+    panels: str | None = None
+    where: dict[str, Any] = field(default_factory=dict)
+    bands: bool = True
+    annotate: str | None = None
+    styles: str | None = None  # a line style per value of this column
+    marks: str | None = None  # grey vertical lines at this column's values
+    xscale: str = "linear"
+    xlabel: str | None = None
+    ylabel: str | None = None  # templates: {metric}, {label}, {panel}
+    title: str | None = None
+    suptitle: str | None = None
+
+
+@dataclass
+class ReportSchema:
+    """What ``ddim-lab-report DIR`` writes for a study, read from the sweep's saved config."""
+
+    rows: StudyRowsSchema = field(default_factory=StudyRowsSchema)
+    tables: list[StudyTableSchema] = field(default_factory=list)
+    figures: list[StudyFigureSchema] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +218,7 @@ class LabConfig:
     grids: str = "sheet"  # sheet: one contact sheet per job (grid_sheet.png) | groups: also one grid per group
     budget: BudgetSchema = field(default_factory=BudgetSchema)
     tune: TuneSchema | None = None  # set by a tuning preset: the job returns its objective to the sweeper
+    report: ReportSchema | None = None  # set by a study preset: its tables and figures (ddim-lab-report)
 
 
 def register_configs() -> None:
@@ -239,6 +338,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
     check_data(cfg)
+    check_scorers(cfg)
     budgeted = OmegaConf.select(cfg, "budget.nfe") is not None
     if budgeted:
         from ddim_lab.budget import budget_steps, check_budget_input
@@ -299,6 +399,13 @@ def validate(cfg: DictConfig) -> None:
         if cfg.task != "edit":
             raise ConfigError(f"tune (an Optuna objective over edit rows) needs task=edit, got task={cfg.task}")
         check_tune(cfg.tune)
+    if cfg.get("report") is not None:
+        from ddim_lab.report_spec import check_report
+
+        try:
+            check_report(OmegaConf.to_container(cfg.report, resolve=True))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -313,6 +420,17 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"data.path={cfg.data.path} does not exist{where}")
     if path.is_dir() and not find_images(path):
         raise ConfigError(f"data.path={cfg.data.path} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def check_scorers(cfg: DictConfig) -> None:
+    """Every ``data.scorers`` entry names an importable scorer of declared columns (``ddim_lab.scoring``);
+    importing it loads no model."""
+    from ddim_lab.scoring import scorer_classes
+
+    try:
+        scorer_classes(as_list(OmegaConf.select(cfg, "data.scorers")))
+    except ValueError as err:
+        raise ConfigError(f"data.scorers: {err}") from err
 
 
 def config_family(model: DictConfig) -> str | None:

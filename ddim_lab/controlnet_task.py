@@ -6,8 +6,9 @@ the loaded model's components, the ControlNet and the sampler ``sampler=ddim|uni
 control image × prompt × seed, one seeded CPU generator per image (image j of a prompt uses seed
 ``seed + j``), negative prompts, ``controlnet.scale`` and guidance start/end; 4. decode, score each result
 (control adherence: SSIM of its control image to the same signal of the result; on the digits model the digit
-judge's agreement with the prompt, ``tasks.generation_scores``), save the images, the control images and a
-labelled grid (input | control | one column per prompt and seed), write the rows.
+judge's agreement with the prompt: the data set's scorers, via ``tasks.generation_scores``), save the
+images, the control images and a labelled grid (input | control | one column per prompt and seed), write
+the rows.
 """
 
 from __future__ import annotations

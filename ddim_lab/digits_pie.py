@@ -14,7 +14,7 @@ Built by ``scripts/build_digits_pie.py`` from the first two held-out digits of e
   (random editing), so ``data.categories=[1]`` selects 10 images.
 
 Edit success on digits is judged by the digit classifier (:mod:`ddim_lab.judge`), no CLIP needed:
-:func:`edit_success`.
+:func:`edit_success`; :class:`DigitEditSuccess` is the benchmark's scorer (``conf/data/digits-pie.yaml``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from PIL import Image
 from ddim_lab import digits
 from ddim_lab.judge import Judge, train_judge
 from ddim_lab.pie import IMAGE_DIR, MAPPING_FILE, PieItem, encode_mask
+from ddim_lab.scoring import ScoreBatch, Scorer, ScoringContext
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +107,27 @@ def edit_success(images: torch.Tensor, targets: Sequence[int | None], judge: Jud
         [np.nan if t is None else float(p == t) for p, t in zip(predicted, targets, strict=True)],
         dtype=np.float64,
     )
+
+
+class DigitEditSuccess(Scorer):
+    """``edit_success`` as the digits benchmark's scorer (``scorers: [digit_edit_success]``): on edit rows of
+    annotated items whose blended words name a target digit, :func:`edit_success` by one judge per run (fitted
+    on the first such batch); reconstruction rows get NaN."""
+
+    name = "digit_edit_success"
+    columns = ("edit_success",)
+
+    def __init__(self, context: ScoringContext) -> None:
+        super().__init__(context)
+        self._judge: Judge | None = None
+
+    def score(self, batch: ScoreBatch) -> dict[str, list[float]]:
+        items = batch.items or []
+        if batch.generated or not items or not all(isinstance(it, PieItem) for it in items):
+            return {}
+        targets = [target_digit(it) if edit else None for it, edit in zip(items, batch.edits, strict=True)]
+        if all(t is None for t in targets):
+            return {}
+        if self._judge is None:
+            self._judge = train_judge()
+        return {"edit_success": edit_success(batch.results, targets, self._judge).tolist()}

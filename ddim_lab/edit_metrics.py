@@ -26,6 +26,8 @@ NaN rule: a row whose unedited region is empty (mask all ones at R) gets NaN for
 metrics, and one whose edit region is empty gets NaN for the edit-region CLIP score; ``unedited_pixels`` and
 ``edited_pixels`` are returned per row so the report can count them (:func:`empty_region_counts`).
 
+:class:`MaskedEditScorer` is PIE-Bench's scorer (``scorers: [pie_masked]`` in a data config).
+
 Weights are never downloaded: a model id is looked up in the local Hugging Face cache only (a directory
 path is loaded directly). Absent weights give NaN and one warning per process saying what to provide
 (mode ``"auto"``), raise :class:`WeightsUnavailable` (``"required"``) or give NaN silently (``"off"``).
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ddim_lab.metrics import ImageMetrics, mse, psnr, ssim
+from ddim_lab.scoring import ScoreBatch, Scorer, ScoringContext
 
 logger = logging.getLogger(__name__)
 
@@ -328,3 +331,35 @@ def empty_region_counts(unedited_pixels: Sequence[float], edited_pixels: Sequenc
         "empty_edited": int((edited == 0).sum()),
         "rows": len(unedited),
     }
+
+
+class MaskedEditScorer(Scorer):
+    """PIE-Bench's masked metrics as a data set's scorer (``scorers: [pie_masked]``): :class:`EditMetrics` of
+    rows whose every input item carries an edit mask (``PieItem.mask``), against each row's target prompt;
+    ``summary`` counts the rows with an empty unedited or edit region."""
+
+    name = "pie_masked"
+    columns = (*UNEDITED_METRICS, "clip_whole", "clip_edited", "structure_distance")
+
+    def __init__(self, context: ScoringContext) -> None:
+        super().__init__(context)
+        self._metrics: EditMetrics | None = None  # built on the first annotated batch (loads LPIPS, CLIP, DINO)
+        self.counts = {"empty_unedited": 0, "empty_edited": 0, "rows": 0}
+
+    def score(self, batch: ScoreBatch) -> dict[str, list[float]]:
+        items = batch.items or []
+        if batch.generated or not items or not all(getattr(it, "mask", None) is not None for it in items):
+            return {}
+        if self._metrics is None:
+            ctx = self.context
+            self._metrics = EditMetrics(lpips_net=ctx.lpips_net, lpips=ctx.lpips, device=ctx.device)
+        masks = torch.stack([it.mask for it in items])  # (B, 1, R, R)
+        scores = self._metrics(batch.results, batch.sources, masks, list(batch.prompts))
+        counts = empty_region_counts(
+            scores.pop("unedited_pixels").tolist(), scores.pop("edited_pixels").tolist()
+        )
+        self.counts = {k: self.counts[k] + v for k, v in counts.items()}
+        return {k: [float(x) for x in v] for k, v in scores.items()}
+
+    def summary(self) -> dict[str, int]:
+        return dict(self.counts)

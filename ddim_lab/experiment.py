@@ -38,19 +38,17 @@ from ddim_lab.control import control_settings, make_control
 from ddim_lab.control.base import save_control_images
 from ddim_lab.data import Item, load_dataset, with_prompt
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
-from ddim_lab.digits_pie import edit_success, target_digit
-from ddim_lab.edit_metrics import EditMetrics, empty_region_counts
 from ddim_lab.editing import Editor, EditPrompts, make_editor
 from ddim_lab.inversion import make_inverter
 from ddim_lab.inversion.base import Artifact, Cost, InvertContext, SampleRows
 from ddim_lab.inversion.ddim import DDIMInversion
-from ddim_lab.judge import Judge, train_judge
 from ddim_lab.metrics import ImageMetrics, mse
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.pie import PieItem, is_pie_dir, load_pie
 from ddim_lab.protocol import Protocol
 from ddim_lab.provenance import provenance
 from ddim_lab.records import VAE_COLUMN, save_grid, tile_captions, write_results
+from ddim_lab.scoring import ScoreBatch, ScoringContext, make_scorers, score_rows, scorer_summary
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +135,7 @@ class Runner:
         self.cache = InversionCache(Path(cfg.cache.dir) / "inversions" if cfg.cache.enabled else None)
         self.points = grid_points(cfg, item_targets=is_pie_dir(cfg.data.path))
         self.protocol: Protocol | None = None
-        self._edit_metrics: EditMetrics | None = None
-        self._judge: Judge | None = None
-        self.region_counts = {"empty_unedited": 0, "empty_edited": 0, "rows": 0}
+        self.scorers = make_scorers(as_list(cfg.data.get("scorers")), ScoringContext.of(cfg, model.device))
         self.identity = model_identity(model, cfg)
         # ControlNet conditioning: each image's control image rides in Conditioning.extra["control"]
         self.control = (
@@ -491,7 +487,7 @@ class Runner:
             columns[p.label] = results[j::P]
         return rows, columns
 
-    # -- step 2c: editing metrics on annotated (PIE-Bench-format) data -------------------------------
+    # -- step 2c: the protocol of annotated (PIE-Bench-format) data, the data set's scores -------------
     def set_protocol(self, items: list[Item]) -> None:
         """The evaluation protocol of a run on annotated data: what makes its numbers comparable."""
         if not items or not all(isinstance(it, PieItem) for it in items):
@@ -504,35 +500,23 @@ class Runner:
         )
 
     def edit_scores(self, items: list[Item], images: torch.Tensor, results: torch.Tensor) -> dict[str, list]:
-        """Per-row editing metrics (image-major like the results) when every item carries an edit mask:
-        unedited-region PSNR / LPIPS / MSE / SSIM, CLIP similarity to the prompt (whole and edit region),
-        structure distance, and, on the digits benchmark, edit success by the digit classifier."""
-        if not items or not all(isinstance(it, PieItem) for it in items):
-            return {}
-        if self._edit_metrics is None:
-            self._edit_metrics = EditMetrics(
-                lpips_net=self.cfg.metrics.lpips_net, lpips=self.cfg.metrics.lpips, device=self.model.device
-            )
-        P = len(self.points)
+        """Per-row columns of the data set's scorers (``data.scorers``, ``ddim_lab.scoring``), image-major like
+        the results: each row's result, input, item, target prompt and whether it is an edit."""
         pairs = list(itertools.product(items, self.points))
-        prompts = [self.target(it, p) or it.prompt for it, p in pairs]
-        masks = torch.stack([it.mask for it in items]).repeat_interleave(P, dim=0)
-        scores = self._edit_metrics(results, images.repeat_interleave(P, dim=0), masks, prompts)
-        counts = empty_region_counts(
-            scores.pop("unedited_pixels").tolist(), scores.pop("edited_pixels").tolist()
+        batch = ScoreBatch(
+            results=results,
+            prompts=[self.target(it, p) or it.prompt for it, p in pairs],
+            sources=images.repeat_interleave(len(self.points), dim=0),
+            items=[it for it, _ in pairs],
+            edits=[self.is_edit(it, p) for it, p in pairs],
         )
-        self.region_counts = {k: self.region_counts[k] + v for k, v in counts.items()}
-        out = {k: [float(x) for x in v] for k, v in scores.items()}
-        digits = [target_digit(it) if self.is_edit(it, p) else None for it, p in pairs]
-        if any(d is not None for d in digits):
-            if self._judge is None:
-                self._judge = train_judge()
-            out["edit_success"] = edit_success(results, digits, self._judge).tolist()
-        return out
+        return score_rows(self.scorers, batch)
 
     def summary(self, images: int) -> dict[str, Any]:
         """run.json: network passes spent against the inverter's minimum, time and memory."""
-        extra = {} if self.protocol is None else {"protocol": self.protocol.fields(), **self.region_counts}
+        extra = {}
+        if self.protocol is not None:  # annotated data: its protocol and the scorers' counts (empty regions)
+            extra = {"protocol": self.protocol.fields(), **scorer_summary(self.scorers)}
         return {
             **extra,
             **self.evals,

@@ -3,10 +3,15 @@
 It is fitted on ``digits.split()["train"]`` only (the split the model was trained on), so held-out digits are
 new to both. Model images (B, 3, 16, 16) in [0, 1] are brought back to the classifier's domain by averaging
 the channels and area-downsampling to 8×8, the inverse of ``digits.to_rgb`` up to its bilinear blur.
+
+:class:`JudgeAgreement` scores generated rows for the digits data sets (``scorers: [digit_judge_agreement]``):
+does the judge read the digit each prompt names?
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +20,10 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from ddim_lab import digits
+from ddim_lab.scoring import ScoreBatch, Scorer, ScoringContext
 
 SCAN_SIZE = 8
+JUDGED_SOURCES = ("digits", "digits-flow")  # models trained on the digits captions: the judge applies
 
 
 def to_scan(images: torch.Tensor) -> np.ndarray:
@@ -61,3 +68,40 @@ def held_out_accuracies(judge: Judge, size: int = 16) -> dict[str, float]:
         "scans_8x8": float(np.mean(judge.predict_scans(images) == labels)),
         f"rgb_{size}x{size}_round_trip": judge.accuracy(digits.to_rgb(images, size), labels),
     }
+
+
+def prompt_digit(prompt: str) -> int | None:
+    """The digit a digits caption names (any of ``digits.TEMPLATES``: "a handwritten digit three", "digit 3"),
+    None when it names none or several."""
+    words = re.findall(r"[a-z]+|\d+", prompt.lower())
+    named = {digits.NAMES.index(w) for w in words if w in digits.NAMES}
+    named |= {int(w) for w in words if w.isdigit() and int(w) < len(digits.NAMES)}
+    return named.pop() if len(named) == 1 else None
+
+
+class JudgeAgreement(Scorer):
+    """``judge_agreement`` of generated rows on the digits models (``model.source`` in :data:`JUDGED_SOURCES`):
+    1.0 when the judge reads the digit the row's prompt names, 0.0 when not, NaN for a prompt naming none; no
+    column when no prompt names a digit. The judge is fitted once per scorer, on the first judged batch."""
+
+    name = "digit_judge_agreement"
+    columns = ("judge_agreement",)
+
+    def __init__(self, context: ScoringContext) -> None:
+        super().__init__(context)
+        self._judge: Judge | None = None
+
+    def score(self, batch: ScoreBatch) -> dict[str, list[float]]:
+        if not batch.generated or self.context.model_source not in JUDGED_SOURCES:
+            return {}
+        targets = [prompt_digit(p) for p in batch.prompts]
+        if all(t is None for t in targets):
+            return {}
+        if self._judge is None:
+            self._judge = train_judge()
+        read = self._judge.predict(batch.results)
+        return {
+            "judge_agreement": [
+                math.nan if t is None else float(r == t) for r, t in zip(read, targets, strict=True)
+            ]
+        }

@@ -166,12 +166,13 @@ def make_figures(out_dir: Path, settings=None) -> list[Path]:
     return metric_figures(analysis, out_dir) + pareto_figures(analysis, out_dir)
 
 
-def write_report(root: Path, out_dir: Path) -> pd.DataFrame:
-    """Merge the results under ``root`` and write report.parquet, report.csv and report.md into ``out_dir``."""
+def write_report(root: Path, out_dir: Path, df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Merge the results under ``root`` (or take them, ``df``) and write report.parquet, report.csv and
+    report.md into ``out_dir``."""
     problems = job_problems(root)
     for line in problems:
         logger.warning("%s", line)
-    df = collect_results(root)
+    df = collect_results(root) if df is None else df
     out_dir = Path(out_dir)
     atomic_write(out_dir / REPORT_PARQUET, lambda tmp: df.to_parquet(tmp, index=False))
     atomic_write(out_dir / REPORT_CSV, lambda tmp: df.to_csv(tmp, index=False))
@@ -203,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", default=None, help="config key to pair on the same images (default: inverter)"
     )
     parser.add_argument("--baseline", default=None, help="the --compare value the others are compared with")
+    parser.add_argument(
+        "--study-out",
+        type=Path,
+        default=None,
+        help="where the tables and figures declared by the sweep's report: section go (default: the report's"
+        " folder); their paths inside it are the section's",
+    )
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
@@ -213,9 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     out_dir = args.out if args.out is not None else args.dir
+    from ddim_lab.report_spec import check_columns
+    from ddim_lab.report_studies import saved_report, write_study
+
     try:
-        df = write_report(args.dir, out_dir)
+        study = saved_report(args.dir)  # a study preset's tables and figures, checked before any work
+        df = collect_results(args.dir)
+        if study is not None:
+            check_columns(df.columns, study)
+        df = write_report(args.dir, out_dir, df)
     except NoResultsError as err:
+        logger.error("ddim-lab-report: %s", err)
+        return 2
+    except ValueError as err:  # a report: section that cannot be drawn: one line
         logger.error("ddim-lab-report: %s", err)
         return 2
     from ddim_lab.report_html import write_outputs
@@ -236,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             problems=job_problems(args.dir),
             append_markdown=Path(out_dir) / REPORT_MD,
         )
+        if study is not None:
+            written += write_study(df, study, args.study_out or out_dir, settings)
     except ValueError as err:  # a bad --baseline or bootstrap setting: one line
         logger.error("ddim-lab-report: %s", err)
         return 2

@@ -32,8 +32,8 @@ DONE_JSON = "done.json"
 ERROR_JSON = "error.json"
 SWEEP_JSON = "sweep.json"
 # settings that do not change a job's results: left out of its config hash, so a rerun that changes only them
-# still resumes (and skips finished jobs)
-VOLATILE_KEYS = (("runtime", "progress"), ("cache", "dir"), ("logger",), ("grids",))
+# still resumes (and skips finished jobs); ``report`` declares a study's tables and figures, drawn afterwards
+VOLATILE_KEYS = (("runtime", "progress"), ("cache", "dir"), ("logger",), ("grids",), ("report",))
 
 # exit code of the last run or multirun in this process (read by ddim_lab.cli.main)
 OUTCOME: dict[str, Any] = {"code": 0, "failures": []}

@@ -1,12 +1,11 @@
 """The tasks that need no input images: text-to-image sampling and the ᾱ_t plot of the seed notebook; and the
-scores of generated images (``sample`` and ``controlnet`` rows): the digit judge's agreement with the prompt
-on the digits models, and a ControlNet's control adherence."""
+scores of generated images (``sample`` and ``controlnet`` rows): the data set's scorers (``data.scorers``; on
+the digits models, the digit judge's agreement with the prompt) and a ControlNet's control adherence."""
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,25 +21,12 @@ from ddim_lab.ddim import sample
 from ddim_lab.inversion import make_plan
 from ddim_lab.models.loading import LatentModel
 from ddim_lab.records import save_grid, write_results
+from ddim_lab.scoring import ScoreBatch, ScoringContext, make_scorers, score_rows
 
 if TYPE_CHECKING:
     from ddim_lab.control.base import ControlSignal
 
 log = logging.getLogger(__name__)
-
-
-JUDGED_SOURCES = ("digits", "digits-flow")  # models trained on the digits captions: the digit judge applies
-
-
-def prompt_digit(prompt: str) -> int | None:
-    """The digit a digits caption names (any of ``digits.TEMPLATES``: "a handwritten digit three", "digit 3"),
-    None when it names none or several."""
-    from ddim_lab import digits  # scikit-learn's data set: imported by the digits models' runs only
-
-    words = re.findall(r"[a-z]+|\d+", prompt.lower())
-    named = {digits.NAMES.index(w) for w in words if w in digits.NAMES}
-    named |= {int(w) for w in words if w.isdigit() and int(w) < len(digits.NAMES)}
-    return named.pop() if len(named) == 1 else None
 
 
 def generation_scores(
@@ -52,21 +38,15 @@ def generation_scores(
 ) -> dict[str, list[float]]:
     """Per-row scores of generated ``images`` (B, 3, R, R) in [0, 1], the columns a generation row has:
 
-    - ``judge_agreement`` (digits models, rows whose prompt names one digit): 1.0 when ``ddim_lab.judge`` reads
+    - the columns of the data set's scorers (``data.scorers``, ``ddim_lab.scoring``): on the digits data sets
+      ``judge_agreement`` (digits models, rows whose prompt names one digit): 1.0 when ``ddim_lab.judge`` reads
       that digit, 0.0 when not, NaN for a prompt naming none;
     - ``control_ssim`` (``controls`` (B, 3, R, R) and the ``signal`` that made them from the inputs): SSIM of
       each control image to the same signal of the result; edge-SSIM for Canny. Left out for ``control=image``,
       whose control does not come from an image.
     """
-    out: dict[str, list[float]] = {}
-    targets = [prompt_digit(p) for p in prompts]
-    if cfg.model.get("source") in JUDGED_SOURCES and any(t is not None for t in targets):
-        from ddim_lab.judge import train_judge
-
-        read = train_judge().predict(images)
-        out["judge_agreement"] = [
-            math.nan if t is None else float(r == t) for r, t in zip(read, targets, strict=True)
-        ]
+    scorers = make_scorers(as_list(cfg.data.get("scorers")), ScoringContext.of(cfg, images.device))
+    out = score_rows(scorers, ScoreBatch(results=images, prompts=list(prompts)))
     if controls is not None and signal is not None and signal.name != "image":
         from ddim_lab.metrics import ssim
 

@@ -34,12 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchmark_digits import held_out_items  # noqa: E402  (the sibling script: held-out digits as Items)
 
 from ddim_lab import digits  # noqa: E402
 from ddim_lab.config import compose_config  # noqa: E402
 from ddim_lab.control import make_control  # noqa: E402
 from ddim_lab.controlnet_task import control_pipeline, generate, make_sampler  # noqa: E402
-from ddim_lab.data import Item, content_hash, pixels_to_tensor  # noqa: E402
+from ddim_lab.data import Item  # noqa: E402
 from ddim_lab.experiment import Runner  # noqa: E402
 from ddim_lab.judge import train_judge  # noqa: E402
 from ddim_lab.metrics import ssim  # noqa: E402
@@ -67,25 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def held_out_items(n: int, seed: int) -> tuple[list[Item], np.ndarray]:
+def held_out(n: int, seed: int) -> tuple[list[Item], np.ndarray]:
     """``n`` held-out digits, stratified over the labels (seeded order), as the lab's ``Item`` s at 16 px."""
-    images, labels = digits.split()["held_out"]
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == k)) for k in range(10)]
-    order = [idx[r] for r in range(max(map(len, per_class))) for idx in per_class if r < len(idx)][:n]
-    rgb = digits.to_rgb(images[order], 16)
-    pixels = (rgb.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    items = [
-        Item(
-            f"heldout_{i:03d}.png",
-            Path(f"heldout_{i:03d}.png"),
-            pixels_to_tensor(px),
-            digits.caption(k),
-            content_hash(px),
-        )
-        for i, (px, k) in enumerate(zip(pixels, labels[order], strict=True))
-    ]
-    return items, labels[order]
+    scans, labels = digits.held_out_subset(n, seed)
+    return held_out_items(scans, labels, 16, eight_bit=True), labels
 
 
 def bootstrap(diff: np.ndarray, n: int, seed: int) -> list[float]:
@@ -110,7 +96,7 @@ def cfg_for(args: argparse.Namespace, controlled: bool, *overrides: str):
 
 # -- a. controlled generation ---------------------------------------------------------------------------
 def measure_generation(models, judge, args) -> tuple[dict[str, Any], list]:
-    items, labels = held_out_items(args.n_generate, args.seed)
+    items, labels = held_out(args.n_generate, args.seed)
     images = torch.stack([it.image for it in items])
     canny = make_control(CANNY)
     control = canny(images)
@@ -144,7 +130,7 @@ def measure_generation(models, judge, args) -> tuple[dict[str, Any], list]:
 
 # -- b. reconstruction ------------------------------------------------------------------------------------
 def measure_reconstruction(models, args) -> tuple[dict[str, Any], list]:
-    items, _ = held_out_items(args.n_invert, args.seed + 1)
+    items, _ = held_out(args.n_invert, args.seed + 1)
     rows: dict[bool, list[dict]] = {}
     columns = []
     for controlled in (False, True):
@@ -184,7 +170,7 @@ def measure_reconstruction(models, args) -> tuple[dict[str, Any], list]:
 
 # -- c. edits ------------------------------------------------------------------------------------------------
 def measure_edits(models, judge, args) -> dict[str, Any]:
-    items, labels = held_out_items(args.n_edit, args.seed + 2)
+    items, labels = held_out(args.n_edit, args.seed + 2)
     targets = (labels + 5) % 10
     curves: dict[str, list[dict]] = {}
     for scale in args.edit_scales:

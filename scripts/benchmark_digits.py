@@ -4,14 +4,17 @@
     python scripts/benchmark_digits.py --model-dir /tmp/m --held-out 20 --samples-per-digit 4   # quick look
 
 A logistic-regression classifier fitted on the model's own training split (``ddim_lab.judge``) names the
-digit in each image. Three measurements, each batched through the lab's ``make_plan`` / ``invert`` /
-``sample`` with per-row ``Conditioning``:
+digit in each image. Three measurements, all through the lab's engine:
 
-a. samples: prompt "digit {name}" (and two other phrasings), 50 steps, several guidance scales; how often
-   the classifier agrees with the prompted digit;
-b. reconstruction: held-out digits inverted at guidance 1 and sampled back at guidance 1 from step 0 for
-   10/25/50/100 steps, PSNR/SSIM against the input and against the VAE ceiling (encode → decode);
-c. edits i → j: invert digit i with its caption, sample with digit j's caption from each start step; the
+a. samples: prompt "digit {name}" (and two other phrasings), 50 steps, several guidance scales, one batched
+   call of the engine's sampler (``ddim_lab.ddim.sample``, as ``task=sample`` runs it) with per-row prompts and
+   guidance; how often the classifier agrees with the prompted digit;
+b. reconstruction: ``task=reconstruct`` (``Runner``, its config composed as the CLI composes it) of held-out
+   digits, inverted at guidance 1 with their caption and sampled back at guidance 1 from step 0, for
+   10/25/50/100 steps and ``inverter=ddim`` / ``course``; PSNR/SSIM against the input and against the VAE
+   ceiling (the engine's encode → decode);
+c. edits i → j: ``task=edit`` of digit i's held-out scans with digit j's caption from each start step (the
+   inversion cache shares each image's inversion between the main grid and the guidance sweep); the
    classifier's verdict and SSIM to the input, against unedited sampling of j from random noise.
 
 Writes ``results.json``, ``results.md`` and PNG figures into ``--out`` and logs a PASS/MISS table.
@@ -25,6 +28,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,16 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from ddim_lab import digits  # noqa: E402
-from ddim_lab.ddim import invert, sample  # noqa: E402
-from ddim_lab.denoiser import Conditioning, UNetDenoiser  # noqa: E402
+from ddim_lab.config import compose_config, validate  # noqa: E402
+from ddim_lab.data import Item, content_hash, pixels_to_tensor  # noqa: E402
+from ddim_lab.ddim import sample  # noqa: E402
 from ddim_lab.digits import held_out_subset  # noqa: E402
+from ddim_lab.experiment import Runner  # noqa: E402
 from ddim_lab.inversion import make_plan  # noqa: E402
 from ddim_lab.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
 from ddim_lab.metrics import psnr, ssim  # noqa: E402
-from ddim_lab.models.loading import LatentModel, load_model, shipped_model_dir  # noqa: E402
-from ddim_lab.records import save_grid  # noqa: E402
+from ddim_lab.models.loading import SHIPPED, LatentModel, load_model, shipped_model_dir  # noqa: E402
+from ddim_lab.records import VAE_COLUMN, save_grid  # noqa: E402
 
 log = logging.getLogger("benchmark_digits")
 
@@ -87,33 +94,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load(model_dir: Path) -> LatentModel:
-    spec = {"name": "digits", "source": "local", "path": str(model_dir), "resolution": 16}
-    return load_model(spec, {"device": "cpu"})
+def model_overrides(name: str, model_dir: Path | None) -> list[str]:
+    """The ``model=`` overrides of a shipped digits model (``name``: digits, digits-flow), or of another
+    diffusers directory of one (``model=local``, 16 px)."""
+    if model_dir is None or model_dir.resolve() == shipped_model_dir(SHIPPED[name]).resolve():
+        return [f"model={name}"]
+    return ["model=local", f"model.path='{model_dir}'", "model.resolution=16"]
 
 
-def conditioning(model: LatentModel, prompts: list[str], guidance: list[float]) -> Conditioning:
-    """Per-row prompts and guidance scales; the null prompt is the empty one the model was trained with."""
-    return Conditioning(
-        text=model.embed(prompts),
-        null=model.embed([""] * len(prompts)),
-        guidance=torch.tensor(guidance, dtype=torch.float32),
+def engine_config(model: list[str], batch_size: int, *overrides: str, cache: str | None = None) -> DictConfig:
+    """The engine's config as the CLI composes it: CPU, no LPIPS, no progress bars; the inversion cache only
+    in ``cache`` (None: off). Validated before anything runs."""
+    cfg = compose_config(
+        [
+            *model,
+            "runtime.device=cpu",
+            "runtime.progress=false",
+            "metrics.lpips=off",
+            f"batch_size={batch_size}",
+            f"cache.enabled={cache is not None}",
+            *([f"cache.dir='{cache}'"] if cache else []),
+            *overrides,
+        ]
     )
+    validate(cfg)
+    return cfg
 
 
-def noise(n: int, seed: int) -> torch.Tensor:
-    """(n, 4, 8, 8) standard normal latents from a seeded generator."""
-    return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+def held_out_items(
+    scans: np.ndarray, labels: np.ndarray, resolution: int, eight_bit: bool = False
+) -> list[Item]:
+    """Held-out scans as the engine's images at ``resolution``, captioned with their digit: the bilinear
+    upsampling itself (the numbers of the model card), or ``eight_bit`` as an image file holds it (what a data
+    folder of the same digits gives; ``benchmark_controlnet.py``'s numbers). The hash names the 8-bit pixels."""
+    rgb = digits.to_rgb(scans, resolution)  # (N, 3, R, R) in [0, 1]
+    pixels = (rgb.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (N, R, R, 3)
+    images = [pixels_to_tensor(px) for px in pixels] if eight_bit else list(rgb)
+    return [
+        Item(
+            f"heldout_{i:03d}.png",
+            Path(f"heldout_{i:03d}.png"),
+            image,
+            digits.caption(int(k)),
+            content_hash(px),
+        )
+        for i, (image, px, k) in enumerate(zip(images, pixels, labels, strict=True))
+    ]
+
+
+def run_engine(model: LatentModel, cfg: DictConfig, items: list[Item]) -> tuple[Runner, list[dict], dict]:
+    """One image group through the engine: its rows, its images by grid column, and the runner (its points
+    and evaluation count); the count must be the minimum the inverter's formulas give."""
+    runner = Runner(cfg, model)
+    rows, columns = runner.run_group(items)
+    if runner.denoiser.unet_evals != runner.minimum.forwards:
+        raise RuntimeError(f"accounting: {runner.denoiser.unet_evals} evaluations ≠ {runner.minimum.forwards}")
+    return runner, rows, columns
+
+
+def noise(n: int, seed: int, shape: tuple[int, ...] = (4, 8, 8)) -> torch.Tensor:
+    """(n, *shape) standard normal latents from a seeded generator."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(
+    model: LatentModel, x: torch.Tensor, prompts: list[str], guidance: list[float], steps: int, batch_size: int
+) -> tuple[torch.Tensor, int]:
+    """Decoded samples (B, 3, R, R) of noise ``x`` (B, C, h, w) with per-row prompts and guidance, from step 0
+    of the model's own ``steps``-step schedule (DDIM or flow), as ``task=sample`` runs the engine's sampler;
+    and the network rows they cost."""
+    plan = make_plan("ddim", model.scheduler(), steps)
+    denoiser = model.denoiser()
+    out = sample(denoiser, x, plan, model.conditioning(prompts, guidance), batch_size=batch_size)
+    return model.decode(out), denoiser.unet_evals
 
 
 # -- a. samples -------------------------------------------------------------------------------------
 
 
 def measure_samples(
-    model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
+    model: LatentModel, judge: Judge, args: argparse.Namespace
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Classifier agreement of prompted samples per (prompt template, guidance); also the grid images."""
-    plan = make_plan("ddim", model.scheduler(), SAMPLE_STEPS)
     n = args.samples_per_digit
     configs = [(MAIN_TEMPLATE, g) for g in sorted({*EXTRA_GUIDANCE, args.guidance})]
     configs += [(t, args.guidance) for t in OTHER_TEMPLATES]
@@ -121,9 +183,8 @@ def measure_samples(
     prompts = [digits.caption(int(k), t) for t, _ in configs for k in labels]
     guidance = [g for _, g in configs for _ in labels]
     # the same starting noise for every configuration, so they differ only in prompt and guidance
-    x = noise(len(labels), args.seed).repeat(len(configs), 1, 1, 1)
-    out = sample(denoiser, x, plan, conditioning(model, prompts, guidance), batch_size=args.batch_size)
-    images = model.decode(out)
+    x = noise(len(labels), args.seed, model.latent_shape).repeat(len(configs), 1, 1, 1)
+    images, unet_rows = generate(model, x, prompts, guidance, SAMPLE_STEPS, args.batch_size)
     predicted = judge.predict(images).reshape(len(configs), len(labels))
     results = []
     for c, (t, g) in enumerate(configs):
@@ -138,52 +199,42 @@ def measure_samples(
         )
     main = configs.index((MAIN_TEMPLATE, args.guidance))
     grid = images[main * len(labels) : (main + 1) * len(labels)]
-    return {"steps": SAMPLE_STEPS, "samples_per_digit": n, "configs": results}, grid
+    return {"steps": SAMPLE_STEPS, "samples_per_digit": n, "configs": results, "unet_rows": unet_rows}, grid
 
 
 # -- b. reconstruction ------------------------------------------------------------------------------
 
 
-def reconstruct(
-    model: LatentModel, denoiser: UNetDenoiser, inverter: str, steps: int, x0: torch.Tensor, cond, batch: int
-) -> torch.Tensor:
-    """Invert at the conditioning's guidance, then sample back from start step 0; decoded images."""
-    plan = make_plan(inverter, model.scheduler(), steps)
-    trajectory = invert(denoiser, x0, plan, cond, batch_size=batch)
-    start = plan.valid_starts()[0]
-    out = sample(denoiser, trajectory[plan.start_index[start]], plan, cond, start_step=start, batch_size=batch)
-    return model.decode(out)
-
-
 def measure_reconstruction(
-    model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
+    model: LatentModel, judge: Judge, args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PSNR/SSIM of guidance-1 inversion + reconstruction per inverter and step count, and the VAE ceiling."""
     scans, labels = held_out_subset(args.held_out, args.seed)
-    images = digits.to_rgb(scans, model.resolution)
-    x0 = model.encode(images)
-    vae = model.decode(x0)
-    cond = conditioning(model, [digits.caption(int(k)) for k in labels], [1.0] * len(labels))
-    results: dict[str, Any] = {
-        "images": len(labels),
-        "vae": {"psnr": _mean(psnr(vae, images)), "ssim": _mean(ssim(vae, images))},
-        "judge_accuracy": {"input": judge.accuracy(images, labels), "vae": judge.accuracy(vae, labels)},
-    }
-    columns = {"input": images, "VAE": vae}
+    items = held_out_items(scans, labels, model.resolution)
+    images = torch.stack([it.image for it in items])
+    results: dict[str, Any] = {"images": len(items), "unet_rows": 0}
+    columns: dict[str, torch.Tensor] = {"input": images}
     for inverter in ("ddim", "course"):
         rows = {}
         for steps in RECON_STEPS:
             t0 = time.perf_counter()
-            recon = reconstruct(model, denoiser, inverter, steps, x0, cond, args.batch_size)
+            cfg = engine_config(args.model, args.batch_size, f"inverter={inverter}", f"num_steps={steps}")
+            runner, _, grid = run_engine(model, cfg, items)
+            recon = grid[runner.points[0].label]
             rows[str(steps)] = {
                 "psnr": _mean(psnr(recon, images)),
                 "ssim": _mean(ssim(recon, images)),
                 "judge_accuracy": judge.accuracy(recon, labels),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
+            results["unet_rows"] += runner.denoiser.unet_evals
+            columns.setdefault("VAE", grid[VAE_COLUMN])
             columns[f"{inverter} {steps}"] = recon
             log.info("reconstruction %s %3d steps: PSNR %.2f dB", inverter, steps, rows[str(steps)]["psnr"])
         results[inverter] = rows
+    vae = columns["VAE"]
+    results["vae"] = {"psnr": _mean(psnr(vae, images)), "ssim": _mean(ssim(vae, images))}
+    results["judge_accuracy"] = {"input": judge.accuracy(images, labels), "vae": judge.accuracy(vae, labels)}
     curve = [results["ddim"][str(s)]["psnr"] for s in RECON_STEPS]
     results["monotonic"] = bool(all(b > a for a, b in zip(curve, curve[1:], strict=False)))
     results["gap_db_at_100"] = results["vae"]["psnr"] - results["ddim"][str(RECON_STEPS[-1])]["psnr"]
@@ -205,38 +256,72 @@ def edit_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.concatenate(scans), np.array(sources), np.array(targets)
 
 
+def edit_grids(args: argparse.Namespace) -> list[tuple[float, list[int]]]:
+    """(guidance, start steps) of each engine run per pair: ``--starts`` at ``--guidance``, then the middle
+    start steps at each ``--edit-guidance-sweep`` scale."""
+    middle = [k for k in args.starts if MIDDLE_STARTS[0] <= k <= MIDDLE_STARTS[1]]
+    sweep = [g for g in dict.fromkeys(args.edit_guidance_sweep) if g != args.guidance]
+    return [(args.guidance, list(args.starts))] + [(g, middle) for g in sweep if middle]
+
+
 def measure_edits(
-    model: LatentModel, denoiser: UNetDenoiser, judge: Judge, args: argparse.Namespace
+    model: LatentModel, judge: Judge, args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Edit success and SSIM to the input per start step, and the unedited-sampling baseline.
 
-    The main curve uses ``--guidance`` at every ``--starts``; the sweep repeats the middle start steps at
-    each ``--edit-guidance-sweep`` scale, each with its own baseline. All rows run in one ``sample`` call.
+    Each pair runs ``task=edit`` once per (guidance, start steps) of :func:`edit_grids`; the inversion cache (a
+    temporary folder) inverts each image once, at guidance 1 with its source caption. The baseline samples
+    the target captions from random noise at step 0, every guidance in one call of the engine's sampler.
     """
     scans, sources, targets = edit_inputs(args)
-    images = digits.to_rgb(scans, model.resolution)
-    n = len(scans)
-    plan = make_plan("ddim", model.scheduler(), EDIT_STEPS)
-    x0 = model.encode(images)
-    source_cond = conditioning(model, [digits.caption(int(k)) for k in sources], [1.0] * n)
-    trajectory = invert(denoiser, x0, plan, source_cond, batch_size=args.batch_size)
-    # blocks of n rows: (guidance, start step), start None = the baseline from random noise at step 0
-    middle = [k for k in args.starts if MIDDLE_STARTS[0] <= k <= MIDDLE_STARTS[1]]
-    blocks = [(args.guidance, k) for k in args.starts] + [(args.guidance, None)]
-    blocks += [(g, k) for g in args.edit_guidance_sweep for k in [*middle, None]]
-    base_noise = noise(n, args.seed + 1)
-    x = torch.cat([base_noise if k is None else trajectory[plan.start_index[k]] for _, k in blocks])
-    start_step = torch.tensor([k or 0 for _, k in blocks]).repeat_interleave(n)
-    cond = conditioning(
-        model, [digits.caption(int(j)) for j in targets] * len(blocks), [g for g, _ in blocks for _ in range(n)]
+    items = held_out_items(scans, sources, model.resolution)
+    images = torch.stack([it.image for it in items])
+    n = len(items)
+    said: dict[tuple[float, int], list[np.ndarray]] = {}  # (guidance, start) → per pair: judge says target
+    similarity: dict[tuple[float, int], list[torch.Tensor]] = {}  # … SSIM to the input
+    edited: dict[tuple[float, int], list[torch.Tensor]] = {}  # … the edited images
+    unet_rows = 0
+    with tempfile.TemporaryDirectory() as cache:
+        for i, j in args.edit_pairs:
+            part = [it for it, s, t in zip(items, sources, targets, strict=True) if (s, t) == (i, j)]
+            source = torch.stack([it.image for it in part])
+            for g, starts in edit_grids(args):
+                cfg = engine_config(
+                    args.model,
+                    args.batch_size,
+                    "task=edit",
+                    f"num_steps={EDIT_STEPS}",
+                    f"edit_prompt='{digits.caption(j)}'",
+                    f"guidance_scale={g}",
+                    f"start_step=[{','.join(map(str, starts))}]",
+                    cache=cache,
+                )
+                runner, _, grid = run_engine(model, cfg, part)
+                unet_rows += runner.denoiser.unet_evals
+                for p in runner.points:
+                    out = grid[p.label]
+                    said.setdefault((g, p.start_step), []).append(judge.predict(out) == j)
+                    similarity.setdefault((g, p.start_step), []).append(ssim(out, source))
+                    edited.setdefault((g, p.start_step), []).append(out)
+    # the baseline: target captions from random noise, every guidance of the grids in one batch
+    guidances = [g for g, _ in edit_grids(args)]
+    x = noise(n, args.seed + 1, model.latent_shape).repeat(len(guidances), 1, 1, 1)
+    prompts = [digits.caption(int(j)) for j in targets] * len(guidances)
+    base, rows = generate(
+        model, x, prompts, [g for g in guidances for _ in range(n)], EDIT_STEPS, args.batch_size
     )
-    out = model.decode(sample(denoiser, x, plan, cond, start_step=start_step, batch_size=args.batch_size))
-    said_target = (judge.predict(out) == np.tile(targets, len(blocks))).reshape(-1, n)
-    similarity = ssim(out, images.repeat(len(blocks), 1, 1, 1)).reshape(-1, n)
+    unet_rows += rows
+    for b, g in enumerate(guidances):
+        out = base[b * n : (b + 1) * n]
+        said[g, None] = [judge.predict(out) == targets]
+        similarity[g, None] = [ssim(out, images)]
+        edited[g, None] = [out]
     score = {
-        b: {"success": float(said_target[r].mean()), "ssim": _mean(similarity[r])} for r, b in enumerate(blocks)
+        key: {"success": float(np.concatenate(v).mean()), "ssim": _mean(torch.cat(similarity[key]))}
+        for key, v in said.items()
     }
-    main = [blocks.index((args.guidance, k)) for k in args.starts]
+    per_pair = {key: [float(v.mean()) for v in verdicts] for key, verdicts in said.items()}
+    sweep = [(g, k) for g, starts in edit_grids(args)[1:] for k in starts]
     results = {
         "steps": EDIT_STEPS,
         "guidance": args.guidance,
@@ -244,21 +329,21 @@ def measure_edits(
         "pairs": [f"{i}->{j}" for i, j in args.edit_pairs],
         "images": n,
         "judge_accuracy_on_inputs": judge.accuracy(images, sources),
-        "per_start": [{"start": k, **score[(args.guidance, k)]} for k in args.starts],
+        "per_start": [{"start": k, **score[args.guidance, k]} for k in args.starts],
         "per_pair_success": {
-            f"{i}->{j}": [float(said_target[r][sources == i].mean()) for r in main] for i, j in args.edit_pairs
+            f"{i}->{j}": [per_pair[args.guidance, k][p] for k in args.starts]
+            for p, (i, j) in enumerate(args.edit_pairs)
         },
-        "baseline": score[(args.guidance, None)],
+        "baseline": score[args.guidance, None],
         "guidance_sweep": [
-            {"guidance": g, "start": k, **score[(g, k)], "baseline_ssim": score[(g, None)]["ssim"]}
-            for g in args.edit_guidance_sweep
-            for k in middle
+            {"guidance": g, "start": k, **score[g, k], "baseline_ssim": score[g, None]["ssim"]}
+            for g, k in sweep
         ],
+        "unet_rows": unet_rows,
     }
     columns = {"input": images}
-    columns.update({f"k={k}": out[r * n : (r + 1) * n] for k, r in zip(args.starts, main, strict=True)})
-    baseline = blocks.index((args.guidance, None))
-    columns["from noise"] = out[baseline * n : (baseline + 1) * n]
+    columns.update({f"k={k}": torch.cat(edited[args.guidance, k]) for k in args.starts})
+    columns["from noise"] = edited[args.guidance, None][0]
     return results, columns
 
 
@@ -495,8 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = load(args.model_dir)
-    denoiser = model.denoiser()
+    args.model = model_overrides("digits", args.model_dir)  # the engine's model=… overrides
+    cfg = engine_config(args.model, args.batch_size)
+    model = load_model(cfg.model, cfg.runtime, cfg.cache.dir)
     judge = train_judge(args.seed)
     results: dict[str, Any] = {
         "config": {
@@ -516,10 +602,9 @@ def main(argv: list[str] | None = None) -> None:
         ("reconstruction", measure_reconstruction),
         ("edits", measure_edits),
     ):
-        start, evals = time.perf_counter(), denoiser.unet_evals
-        results[name], images[name] = measure(model, denoiser, judge, args)
+        start = time.perf_counter()
+        results[name], images[name] = measure(model, judge, args)
         results["seconds"][name] = round(time.perf_counter() - start, 1)
-        results[name]["unet_rows"] = denoiser.unet_evals - evals
         log.info("%s done in %.0f s (%d UNet rows)", name, results["seconds"][name], results[name]["unet_rows"])
     results["targets"] = verdicts(results, args.guidance)
     results["figures"] = save_figures(results, images, args.out)

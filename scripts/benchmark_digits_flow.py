@@ -3,14 +3,16 @@
     python scripts/benchmark_digits_flow.py                  # the shipped model, defaults below
     python scripts/benchmark_digits_flow.py --model-dir /tmp/f --held-out 10 --samples-per-digit 2   # quick
 
-The same judge as ``scripts/benchmark_digits.py`` (``ddim_lab.judge``), through the lab's engine
-(``make_plan`` / ``invert`` / ``sample`` with the model's ``FlowDenoiser``):
+The same judge and the same engine calls as ``scripts/benchmark_digits.py`` (``ddim_lab.judge``; the model's
+``FlowDenoiser`` behind the lab's sampler and ``Runner``):
 
 a. samples: "digit {name}" at several guidance scales and two other phrasings, ``--sample-steps`` Euler
-   steps of the model's own schedule; how often the judge agrees with the prompted digit. A few samples also
-   go through diffusers' own ``StableDiffusion3Pipeline.__call__`` as a cross-check of the engine;
-b. reconstruction: held-out digits inverted at guidance 1 with their caption and sampled back at guidance 1,
-   per inverter and step count; PSNR/SSIM against the input and the VAE ceiling (encode → decode).
+   steps of the model's own schedule, one batched call of the engine's sampler; how often the judge agrees
+   with the prompted digit. A few samples also go through diffusers' own ``StableDiffusion3Pipeline.__call__``
+   as a cross-check of the engine;
+b. reconstruction: ``task=reconstruct`` through the engine (``Runner``, composed as the CLI composes it):
+   held-out digits inverted at guidance 1 with their caption and sampled back at guidance 1, per inverter and
+   step count; PSNR/SSIM against the input and the VAE ceiling (the engine's encode → decode).
 
 Writes ``results.json``, ``results.md`` and PNG figures into ``--out``.
 """
@@ -31,17 +33,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchmark_digits import noise, reconstruct  # noqa: E402  (the sibling script: same engine calls)
+from benchmark_digits import (  # noqa: E402  (the sibling script: the same engine calls)
+    engine_config,
+    generate,
+    held_out_items,
+    model_overrides,
+    noise,
+    run_engine,
+)
 from matplotlib.figure import Figure  # noqa: E402
 
 from ddim_lab import digits  # noqa: E402
-from ddim_lab.ddim import sample  # noqa: E402
-from ddim_lab.flow_denoiser import FlowDenoiser  # noqa: E402
-from ddim_lab.inversion import make_plan  # noqa: E402
 from ddim_lab.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
 from ddim_lab.metrics import psnr, ssim  # noqa: E402
 from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
-from ddim_lab.records import save_grid  # noqa: E402
+from ddim_lab.records import VAE_COLUMN, save_grid  # noqa: E402
 
 log = logging.getLogger("benchmark_digits_flow")
 
@@ -69,15 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(model_dir: Path | None) -> LatentModel:
-    """The shipped flow model, or a diffusers directory of one."""
-    if model_dir is None:
-        spec = {"name": "digits-flow", "source": "digits-flow", "resolution": 16}
-    else:
-        spec = {"name": "digits-flow", "source": "local", "path": str(model_dir), "resolution": 16}
-    return load_model(spec, {"device": "cpu"})
-
-
 def sample_configs(args: argparse.Namespace) -> list[tuple[int, float, int]]:
     """(template, guidance, samples per digit): the main one first."""
     configs = [(MAIN_TEMPLATE, args.guidance, args.samples_per_digit)]
@@ -86,18 +83,16 @@ def sample_configs(args: argparse.Namespace) -> list[tuple[int, float, int]]:
 
 
 def measure_samples(
-    model: LatentModel, denoiser: FlowDenoiser, judge: Judge, args: argparse.Namespace
+    model: LatentModel, judge: Judge, args: argparse.Namespace
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Judge agreement of prompted samples per (template, guidance); also the main configuration's images."""
-    plan = make_plan("flow_euler", model.scheduler(), args.sample_steps)
     configs = sample_configs(args)
     labels = [np.repeat(np.arange(10), n) for _, _, n in configs]  # digit-major
     prompts = [digits.caption(int(k), t) for (t, _, _), ls in zip(configs, labels, strict=True) for k in ls]
     guidance = [g for (_, g, _), ls in zip(configs, labels, strict=True) for _ in ls]
     # each configuration starts from the same noise (its first rows), so they differ in prompt and guidance
-    x = torch.cat([noise(len(ls), args.seed) for ls in labels])
-    out = sample(denoiser, x, plan, model.conditioning(prompts, guidance), batch_size=args.batch_size)
-    images = model.decode(out)
+    x = torch.cat([noise(len(ls), args.seed, model.latent_shape) for ls in labels])
+    images, _ = generate(model, x, prompts, guidance, args.sample_steps, args.batch_size)
     predicted = judge.predict(images)
     results, offset = [], 0
     for (t, g, _), ls in zip(configs, labels, strict=True):
@@ -139,35 +134,32 @@ def measure_pipeline(model: LatentModel, judge: Judge, args: argparse.Namespace)
     }
 
 
-def measure_reconstruction(
-    model: LatentModel, denoiser: FlowDenoiser, judge: Judge, args: argparse.Namespace
-) -> dict[str, Any]:
+def measure_reconstruction(model: LatentModel, judge: Judge, args: argparse.Namespace) -> dict[str, Any]:
     """PSNR/SSIM of guidance-1 inversion + reconstruction per inverter and step count, and the VAE ceiling."""
     scans, labels = digits.held_out_subset(args.held_out, args.seed)
-    images = digits.to_rgb(scans, model.resolution)
-    x0 = model.encode(images)
-    vae = model.decode(x0)
-    cond = model.conditioning([digits.caption(int(k)) for k in labels], [1.0] * len(labels))
-    results: dict[str, Any] = {
-        "images": len(labels),
-        "vae": {"psnr": float(psnr(vae, images).mean()), "ssim": float(ssim(vae, images).mean())},
-        "judge_accuracy": {"input": judge.accuracy(images, labels), "vae": judge.accuracy(vae, labels)},
-    }
+    items = held_out_items(scans, labels, model.resolution)
+    images = torch.stack([it.image for it in items])
+    results: dict[str, Any] = {"images": len(items)}
     for inverter in args.inverters:
         rows = {}
         for steps in args.recon_steps:
-            t0, evals = time.perf_counter(), denoiser.unet_evals
-            recon = reconstruct(model, denoiser, inverter, steps, x0, cond, args.batch_size)
+            t0 = time.perf_counter()
+            cfg = engine_config(args.model, args.batch_size, f"inverter={inverter}", f"num_steps={steps}")
+            runner, _, grid = run_engine(model, cfg, items)
+            recon = grid[runner.points[0].label]
             rows[str(steps)] = {
                 "psnr": float(psnr(recon, images).mean()),
                 "psnr_sem": float(psnr(recon, images).std() / np.sqrt(len(labels))),
                 "ssim": float(ssim(recon, images).mean()),
                 "judge_accuracy": judge.accuracy(recon, labels),
-                "evals_per_image": (denoiser.unet_evals - evals) // len(labels),
+                "evals_per_image": runner.denoiser.unet_evals // len(labels),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
+            vae = grid[VAE_COLUMN]
             log.info("reconstruction %s %3d steps: PSNR %.2f dB", inverter, steps, rows[str(steps)]["psnr"])
         results[inverter] = rows
+    results["vae"] = {"psnr": float(psnr(vae, images).mean()), "ssim": float(ssim(vae, images).mean())}
+    results["judge_accuracy"] = {"input": judge.accuracy(images, labels), "vae": judge.accuracy(vae, labels)}
     return results
 
 
@@ -225,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = load(args.model_dir)
-    denoiser = model.denoiser()
+    args.model = model_overrides("digits-flow", args.model_dir)  # the engine's model=… overrides
+    cfg = engine_config(args.model, args.batch_size)
+    model = load_model(cfg.model, cfg.runtime, cfg.cache.dir)
     judge = train_judge(args.seed)
     command = ["python scripts/benchmark_digits_flow.py", *(sys.argv[1:] if argv is None else argv)]
     results: dict[str, Any] = {
@@ -240,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": {},
     }
     start = time.perf_counter()
-    results["samples"], grid = measure_samples(model, denoiser, judge, args)
+    results["samples"], grid = measure_samples(model, judge, args)
     results["seconds"]["samples"] = round(time.perf_counter() - start, 1)
     for r in results["samples"]["configs"]:
         log.info("samples %r g=%g: judge agrees %.1f%%", r["template"], r["guidance"], 100 * r["accuracy"])
@@ -249,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     results["seconds"]["pipeline"] = round(time.perf_counter() - start, 1)
     log.info("diffusers pipeline samples: judge agrees %.1f%%", 100 * results["pipeline"]["accuracy"])
     start = time.perf_counter()
-    results["reconstruction"] = measure_reconstruction(model, denoiser, judge, args)
+    results["reconstruction"] = measure_reconstruction(model, judge, args)
     results["seconds"]["reconstruction"] = round(time.perf_counter() - start, 1)
     main_acc = results["samples"]["configs"][0]["accuracy"]
     results["target"] = {"sample_accuracy": TARGET_ACCURACY, "measured": main_acc}

@@ -18,11 +18,11 @@ from ddim_lab.data import load_dataset
 from ddim_lab.ddim import sample
 from ddim_lab.denoiser import Conditioning, UNetDenoiser
 from ddim_lab.inversion import make_plan
-from ddim_lab.judge import train_judge
+from ddim_lab.judge import prompt_digit, train_judge
 from ddim_lab.loggers import LocalLogger
 from ddim_lab.metrics import ssim
 from ddim_lab.models.loading import attach_controlnet, load_model
-from ddim_lab.tasks import generation_scores, prompt_digit, text_to_image
+from ddim_lab.tasks import generation_scores, text_to_image
 from tests.conftest import ROOT, model_spec
 
 

@@ -7,9 +7,7 @@ No skips: the model is part of the package, so a missing model is a failure.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import runpy
 
 import numpy as np
 import pytest
@@ -28,6 +26,7 @@ from ddim_lab.inversion import make_plan
 from ddim_lab.judge import train_judge
 from ddim_lab.models.loading import load_model, shipped_model_dir
 from tests.conftest import ROOT
+from tests.test_cli import run_here
 
 MAX_WEIGHT_BYTES = 20 * 1024**2
 SAMPLE_STEPS = 12
@@ -105,13 +104,11 @@ def test_flow_training_script_smoke_run_produces_a_loadable_model(tmp_path):
         f"base_dir={shipped_model_dir()}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_digits_flow.py"), *args],
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    script = (
+        ROOT / "scripts" / "train_digits_flow.py"
+    )  # `python scripts/train_digits_flow.py ARGS`, in this process
+    proc = run_here(
+        lambda: runpy.run_path(str(script), run_name="__main__"), [str(script), *args], tmp_path, {}
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((out / "train_stats.json").read_text())

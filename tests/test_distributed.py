@@ -14,6 +14,7 @@ import pytest
 
 from ddim_lab.distributed import my_share, process_info
 from tests.conftest import ROOT
+from tests.test_cli import ddim_lab_here
 
 DIGITS = ROOT / "ddim_lab" / "assets" / "digits-heldout"
 VOLATILE = ["seconds", "peak_memory_mb", "inversion_cached", "inversion_unet_evals", "inversion_unet_backwards"]
@@ -61,13 +62,8 @@ def test_two_processes_write_one_table_equal_to_one_process(tmp_path):
     assert split.returncode == 0, split.stderr[-3000:]
     (run,) = [p.parent for p in tmp_path.glob("outputs/*/*/done.json")]  # both processes wrote into one dir
     assert len(list((run / "parts").glob("*.parquet"))) == 3
-    single = subprocess.run(
-        [sys.executable, "-m", "ddim_lab.cli", *args, f"hydra.run.dir={tmp_path / 'single'}"],
-        cwd=tmp_path,
-        env={**env, "DDIM_LAB_CACHE": str(tmp_path / "c2")},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    single = ddim_lab_here(  # one plain process: this one
+        [*args, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path, env={"DDIM_LAB_CACHE": str(tmp_path / "c2")}
     )
     assert single.returncode == 0, single.stderr[-3000:]
     a = pd.read_parquet(run / "results.parquet").drop(columns=VOLATILE)

@@ -22,7 +22,7 @@ from ddim_lab.flow_denoiser import pack_latents, unpack_latents
 from ddim_lab.inversion import make_plan
 from ddim_lab.models.loading import FlowModel, ModelUnavailable, load_model
 from tests.conftest import DIGITS, lab_config, model_spec
-from tests.test_cli import ddim_lab
+from tests.test_cli import ddim_lab_here
 
 STEPS = 4
 PROMPTS = ["a cat", "a dog photograph"]
@@ -302,7 +302,7 @@ def test_alpha_plot_of_a_flow_model_needs_no_weights(tmp_path):
 def test_cli_reconstructs_with_a_flow_model(tmp_path):
     run_dir = tmp_path / "flow"
     args = ["model=tiny-flow", f"num_steps={STEPS}", "inverter=ddim", "metrics.lpips=off", "runtime.device=cpu"]
-    proc = ddim_lab([*args, "start_step=[0,2]", f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = ddim_lab_here([*args, "start_step=[0,2]", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_parquet(run_dir / "results.parquet")
     assert len(table) == 20 * 2 and (table.model == "tiny-flow").all() and table.psnr.notna().all()

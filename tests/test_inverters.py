@@ -343,14 +343,14 @@ def test_the_readme_example_method_runs_through_the_engine(digits, monkeypatch):
 
 def test_every_method_runs_from_the_command_line_and_the_report_puts_them_side_by_side(tmp_path):
     """The issue's "done when": ``ddim-lab -m inverter=...`` on the digits model, then ``ddim-lab-report``."""
-    from tests.test_cli import ddim_lab
+    from tests.test_cli import ddim_lab_here
 
     data = tmp_path / "data"
     data.mkdir()
     for name in ("digit3_0.png", "digit7_0.png"):
         (data / name).write_bytes((DIGITS / name).read_bytes())
     sweep = tmp_path / "sweep"
-    done = ddim_lab(
+    done = ddim_lab_here(
         [
             "-m",
             f"inverter={','.join(ALL)}",
@@ -365,7 +365,7 @@ def test_every_method_runs_from_the_command_line_and_the_report_puts_them_side_b
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = ddim_lab([str(sweep)], tmp_path, module="ddim_lab.report")
+    report = ddim_lab_here([str(sweep)], tmp_path, module="ddim_lab.report")
     assert report.returncode == 0, report.stderr[-3000:]
     table = (sweep / "report.md").read_text()
     for name in ALL:

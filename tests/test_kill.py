@@ -16,6 +16,7 @@ import pandas as pd
 
 from ddim_lab.records import read_parts
 from tests.conftest import ROOT
+from tests.test_cli import ddim_lab_here
 
 DIGITS = ROOT / "ddim_lab" / "assets" / "digits-heldout"
 
@@ -52,8 +53,9 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tmp_path):
     for name in sorted(p.name for p in DIGITS.glob("*.png"))[:4]:
         shutil.copy(DIGITS / name, data / name)
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "ddim_lab.cli", f"data.path={data}", "batch_size=1", "num_steps=10"]
-    command += ["metrics.lpips=off", "runtime.progress=false", f"hydra.run.dir={run_dir}"]
+    args = [f"data.path={data}", "batch_size=1", "num_steps=10", "metrics.lpips=off", "runtime.progress=false"]
+    args.append(f"hydra.run.dir={run_dir}")
+    command = [sys.executable, "-m", "ddim_lab.cli", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DDIM_LAB_CACHE": str(tmp_path / "c")}
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -72,6 +74,6 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tmp_path):
     assert done and 1 <= int(done[1]) <= 3, errors[0]
     saved = read_parts(run_dir)
     assert len(saved) == int(done[1]) and saved.psnr.notna().all()  # the saved parts are whole
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = ddim_lab_here(args, tmp_path, env={"DDIM_LAB_CACHE": str(tmp_path / "c")})  # the same command
     assert again.returncode == 0 and f"{done[1]} of 4 image groups already done: skipped" in again.stderr
     assert len(pd.read_parquet(run_dir / "results.parquet")) == 4

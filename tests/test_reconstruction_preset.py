@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
@@ -12,7 +9,8 @@ from ddim_lab.config import config_dir, validate
 from ddim_lab.experiment import Runner, load_items
 from ddim_lab.inversion import INVERTERS
 from ddim_lab.records import write_results
-from tests.conftest import ROOT, lab_config
+from tests.conftest import lab_config
+from tests.studies import draw, preset_report, save_job
 
 
 def _preset(name: str):
@@ -44,7 +42,7 @@ def test_without_captions_the_rows_use_the_empty_prompt(digits, tmp_path):
     assert all(r["prompt"].startswith("a handwritten digit") for r in rows["true"])
 
 
-def test_the_study_script_puts_source_and_empty_prompt_side_by_side(tmp_path):
+def test_the_preset_puts_source_and_empty_prompt_side_by_side(tmp_path):
     for j, (inverter, captions) in enumerate(
         (("ddim", True), ("ddim", False), ("edict", True), ("edict", False))
     ):
@@ -63,24 +61,19 @@ def test_the_study_script_puts_source_and_empty_prompt_side_by_side(tmp_path):
             }
             for i in range(4)
         ]
-        write_results(rows, tmp_path / "sweep" / str(j))
+        save_job(tmp_path / "sweep" / str(j), rows, preset_report("reconstruction"))
     out = tmp_path / "table"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "reconstruction_study.py"),
-            str(tmp_path / "sweep"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    assert draw(tmp_path / "sweep", out) == 0
     table = pd.read_csv(out / "reconstruction.csv")
     assert set(table["inverter"]) == {"ddim", "edict"}
     row = table[table["inverter"] == "ddim"].iloc[0]
-    assert row["psnr_source_mean"] == 32.0 and row["psnr_empty_mean"] == 31.5  # means of 30.5..33.5, 30..33
-    assert row["psnr_diff_mean"] == -0.5 and row["psnr_pairs"] == 4  # empty − source, paired on the images
-    assert "source prompt" in (out / "reconstruction.md").read_text()
+    assert (
+        row["psnr_source prompt_mean"] == 32.0 and row["psnr_empty prompt_mean"] == 31.5
+    )  # 30.5..33.5, 30..33
+    assert row["psnr_empty prompt_diff_mean"] == -0.5  # empty − source, paired on the images
+    assert row["psnr_empty prompt_pairs"] == 4 and row["psnr_empty prompt_p"] < 0.2
+    text = (out / "reconstruction.md").read_text()
+    assert "| psnr: source prompt | psnr: empty prompt | psnr: empty prompt − source prompt | psnr: p |" in text
+    assert (
+        "| ddim | 1 | 25 | 1 | 32 [" in text and "| -0.5 |" in text
+    )  # one value (every diff equal): no bounds

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import runpy
 
 import torch
 
 from ddim_lab.models.loading import load_model
 from tests.conftest import ROOT
+from tests.test_cli import run_here
 
 
 def test_training_script_smoke_run_produces_a_loadable_model(tmp_path):
@@ -24,14 +23,11 @@ def test_training_script_smoke_run_produces_a_loadable_model(tmp_path):
         f"out_dir={out}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_digits.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    script = (
+        ROOT / "scripts" / "train_digits.py"
+    )  # run as `python scripts/train_digits.py ARGS`, in this process
+    proc = run_here(
+        lambda: runpy.run_path(str(script), run_name="__main__"), [str(script), *args], tmp_path, {}
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unet step 3/3" in proc.stderr
