@@ -5,6 +5,7 @@ Everything runs on the ``tiny`` random-weight model, 8 DDIM steps, two held-out 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -280,18 +281,18 @@ def test_batched_grid_equals_each_point_alone(tiny, items, tmp_path):
     trajectories, _ = invert_all(batched, items, encode(tiny, items))
     out = sample_grid(batched, items, trajectories)  # (2 × 12, C, h, w), image-major
     scale = float(out.abs().max())
-    for i, item in enumerate(items):
-        for j, p in enumerate(batched.points):
-            alone_cfg = make_cfg(
-                None,
-                "task=edit",
-                f"edit_prompt='{p.target}'",
-                f"guidance_scale={p.guidance}",
-                f"start_step={p.start_step}",
-                "batch_size=1",
-                "inversion.guidance_scale=2",
-            )
-            alone = Runner(alone_cfg, tiny)
+    for j, p in enumerate(batched.points):
+        alone_cfg = make_cfg(
+            None,
+            "task=edit",
+            f"edit_prompt='{p.target}'",
+            f"guidance_scale={p.guidance}",
+            f"start_step={p.start_step}",
+            "batch_size=1",
+            "inversion.guidance_scale=2",
+        )
+        for i, item in enumerate(items):
+            alone = Runner(copy.deepcopy(alone_cfg), tiny)  # a runner of its own for each image and point
             # the same inverted latents sampled alone: only the batch composition differs
             (same_start,) = sample_grid(alone, [item], [trajectories[i]])
             torch.testing.assert_close(out[i * P + j], same_start, atol=1e-4 * scale, rtol=1e-4)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import runpy
 
 import torch
 
 from ddim_lab.models.loading import load_model
 from tests.conftest import ROOT
-from tests.test_cli import run_here
+from tests.test_cli import as_main, run_here
 
 
 def test_training_script_smoke_run_produces_a_loadable_model(tmp_path):
@@ -23,12 +22,9 @@ def test_training_script_smoke_run_produces_a_loadable_model(tmp_path):
         f"out_dir={out}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    script = (
-        ROOT / "scripts" / "train_digits.py"
-    )  # run as `python scripts/train_digits.py ARGS`, in this process
-    proc = run_here(
-        lambda: runpy.run_path(str(script), run_name="__main__"), [str(script), *args], tmp_path, {}
-    )
+    script = ROOT / "scripts" / "train_digits.py"
+    # `python SCRIPT ARGS`, run in this process
+    proc = run_here(as_main(script), [str(script), *args], tmp_path, {})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unet step 3/3" in proc.stderr
     stats = json.loads((out / "train_stats.json").read_text())
