@@ -47,7 +47,7 @@ class Column:
 
     ``core``: written by every reconstruct/edit row today (``records.COLUMNS``); optional columns (the PIE-Bench
     protocol, edit success, ControlNet settings, the report's ``run_dir``) have a role and dtype but only exist
-    when a task or a data set's scorer (``ddim_lab/scoring.py``, which names its columns here) writes them.
+    when a task or a data set's scorer (``ddim_lab/data/scoring.py``, which names its columns here) writes them.
     """
 
     name: str
@@ -139,7 +139,7 @@ SCHEMA: tuple[Column, ...] = (
         "[0, 1]",
         core=False,
     ),
-    # editing metrics on annotated (PIE-Bench-format) data, ddim_lab/edit_metrics.py (scorer pie_masked)
+    # editing metrics on annotated (PIE-Bench-format) data, ddim_lab/metrics/edit.py (scorer pie_masked)
     Column("psnr_unedited", METRIC, FLOAT, "PSNR on the unedited region (mask inverted)", "dB", core=False),
     Column("ssim_unedited", METRIC, FLOAT, "SSIM on the unedited region", "[0, 1]", core=False),
     Column(

@@ -3,10 +3,10 @@
     python scripts/benchmark_controlnet.py                                  # the shipped digits ControlNet
     python scripts/benchmark_controlnet.py --controlnet-path /tmp/cn --n-generate 20 --n-invert 10 --n-edit 10
 
-Held-out digits only (``ddim_lab.digits``: neither the model, the ControlNet nor the judge saw them). All work
+Held-out digits only (``ddim_lab.data.digits``: neither the model, the ControlNet nor the judge saw them). All work
 goes through the lab's own code: ``controlnet_task.generate`` (diffusers' ControlNet pipeline over the loaded
 model), the engine's ``Runner`` (any inverter, with the ControlNet residuals in inversion and sampling),
-``ddim_lab.control`` (Canny 100/200) and ``ddim_lab.judge``.
+``ddim_lab.methods.control`` (Canny 100/200) and ``ddim_lab.data.judge``.
 
 a. generation: the Canny map of a held-out digit + the prompt of the same digit, with the ControlNet
    (scale 1) and without (scale 0: zero residuals, exactly the plain model) from the same seeds; the judge's
@@ -36,16 +36,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchmark_digits import held_out_items  # noqa: E402  (the sibling script: held-out digits as Items)
 
-from ddim_lab import digits  # noqa: E402
-from ddim_lab.config import compose_config  # noqa: E402
-from ddim_lab.control import make_control  # noqa: E402
-from ddim_lab.controlnet_task import control_pipeline, generate, make_sampler  # noqa: E402
-from ddim_lab.data import Item  # noqa: E402
-from ddim_lab.experiment import Runner  # noqa: E402
-from ddim_lab.judge import train_judge  # noqa: E402
-from ddim_lab.metrics import ssim  # noqa: E402
+from ddim_lab.config.core import compose_config  # noqa: E402
+from ddim_lab.data import digits  # noqa: E402
+from ddim_lab.data.folders import Item  # noqa: E402
+from ddim_lab.data.judge import train_judge  # noqa: E402
+from ddim_lab.methods.control import make_control  # noqa: E402
+from ddim_lab.metrics.image import ssim  # noqa: E402
 from ddim_lab.models.loading import attach_controlnet, load_model  # noqa: E402
-from ddim_lab.records import save_grid  # noqa: E402
+from ddim_lab.study.controlnet_task import control_pipeline, generate, make_sampler  # noqa: E402
+from ddim_lab.study.records import save_grid  # noqa: E402
+from ddim_lab.study.runner import Runner  # noqa: E402
 
 log = logging.getLogger("benchmark_controlnet")
 CANNY = {"name": "canny", "low_threshold": 100, "high_threshold": 200}

@@ -3,11 +3,11 @@
     python scripts/benchmark_digits.py                        # the shipped model, defaults below
     python scripts/benchmark_digits.py --model-dir /tmp/m --held-out 20 --samples-per-digit 4   # quick look
 
-A logistic-regression classifier fitted on the model's own training split (``ddim_lab.judge``) names the
+A logistic-regression classifier fitted on the model's own training split (``ddim_lab.data.judge``) names the
 digit in each image. Three measurements, all through the lab's engine:
 
 a. samples: prompt "digit {name}" (and two other phrasings), 50 steps, several guidance scales, one batched
-   call of the engine's sampler (``ddim_lab.ddim.sample``, as ``task=sample`` runs it) with per-row prompts and
+   call of the engine's sampler (``ddim_lab.engine.ddim.sample``, as ``task=sample`` runs it) with per-row prompts and
    guidance; how often the classifier agrees with the prompted digit;
 b. reconstruction: ``task=reconstruct`` (``Runner``, its config composed as the CLI composes it) of held-out
    digits, inverted at guidance 1 with their caption and sampled back at guidance 1 from step 0, for
@@ -40,17 +40,17 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ddim_lab import digits  # noqa: E402
-from ddim_lab.config import compose_config, validate  # noqa: E402
-from ddim_lab.data import Item, content_hash, pixels_to_tensor  # noqa: E402
-from ddim_lab.ddim import sample  # noqa: E402
-from ddim_lab.digits import held_out_subset  # noqa: E402
-from ddim_lab.experiment import Runner  # noqa: E402
-from ddim_lab.inversion import make_plan  # noqa: E402
-from ddim_lab.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
-from ddim_lab.metrics import psnr, ssim  # noqa: E402
+from ddim_lab.config.core import compose_config, validate  # noqa: E402
+from ddim_lab.data import digits  # noqa: E402
+from ddim_lab.data.digits import held_out_subset  # noqa: E402
+from ddim_lab.data.folders import Item, content_hash, pixels_to_tensor  # noqa: E402
+from ddim_lab.data.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
+from ddim_lab.engine.ddim import sample  # noqa: E402
+from ddim_lab.methods.inversion import make_plan  # noqa: E402
+from ddim_lab.metrics.image import psnr, ssim  # noqa: E402
 from ddim_lab.models.loading import SHIPPED, LatentModel, load_model, shipped_model_dir  # noqa: E402
-from ddim_lab.records import VAE_COLUMN, save_grid  # noqa: E402
+from ddim_lab.study.records import VAE_COLUMN, save_grid  # noqa: E402
+from ddim_lab.study.runner import Runner  # noqa: E402
 
 log = logging.getLogger("benchmark_digits")
 

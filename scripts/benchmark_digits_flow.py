@@ -3,7 +3,7 @@
     python scripts/benchmark_digits_flow.py                  # the shipped model, defaults below
     python scripts/benchmark_digits_flow.py --model-dir /tmp/f --held-out 10 --samples-per-digit 2   # quick
 
-The same judge and the same engine calls as ``scripts/benchmark_digits.py`` (``ddim_lab.judge``; the model's
+The same judge and the same engine calls as ``scripts/benchmark_digits.py`` (``ddim_lab.data.judge``; the model's
 ``FlowDenoiser`` behind the lab's sampler and ``Runner``):
 
 a. samples: "digit {name}" at several guidance scales and two other phrasings, ``--sample-steps`` Euler
@@ -43,11 +43,11 @@ from benchmark_digits import (  # noqa: E402  (the sibling script: the same engi
 )
 from matplotlib.figure import Figure  # noqa: E402
 
-from ddim_lab import digits  # noqa: E402
-from ddim_lab.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
-from ddim_lab.metrics import psnr, ssim  # noqa: E402
+from ddim_lab.data import digits  # noqa: E402
+from ddim_lab.data.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
+from ddim_lab.metrics.image import psnr, ssim  # noqa: E402
 from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
-from ddim_lab.records import VAE_COLUMN, save_grid  # noqa: E402
+from ddim_lab.study.records import VAE_COLUMN, save_grid  # noqa: E402
 
 log = logging.getLogger("benchmark_digits_flow")
 

@@ -38,13 +38,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ddim_lab.data import load_dataset  # noqa: E402
-from ddim_lab.ddim import Prediction  # noqa: E402
-from ddim_lab.denoiser import Conditioning  # noqa: E402
-from ddim_lab.flow import TIME_SCALE, sigma_of_timestep, to_flow, velocity_prediction  # noqa: E402
-from ddim_lab.flow_denoiser import FlowDenoiser  # noqa: E402
-from ddim_lab.inversion import make_inverter  # noqa: E402
-from ddim_lab.inversion.base import InvertContext, SampleRows  # noqa: E402
+from ddim_lab.data.folders import load_dataset  # noqa: E402
+from ddim_lab.engine.ddim import Prediction  # noqa: E402
+from ddim_lab.engine.denoiser import Conditioning  # noqa: E402
+from ddim_lab.engine.flow import TIME_SCALE, sigma_of_timestep, to_flow, velocity_prediction  # noqa: E402
+from ddim_lab.engine.flow_denoiser import FlowDenoiser  # noqa: E402
+from ddim_lab.methods.inversion import make_inverter  # noqa: E402
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows  # noqa: E402
 from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
 
 log = logging.getLogger("benchmark_flow_orders")

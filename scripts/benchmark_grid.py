@@ -7,9 +7,9 @@
 Both sides encode, invert, sample and decode every image × grid point (guidance × start step):
 
 - seed-style loop (the course notebook's way): for every image and every grid point, encode the prompts and
-  the image, invert from scratch (``ddim_lab.ddim.invert``, batch 1, with the inversion guidance), sample
-  that one trajectory (``ddim_lab.ddim.sample``, batch 1), decode;
-- engine: ``ddim_lab.experiment.Runner`` composed with Hydra like the CLI: each image inverted once, every
+  the image, invert from scratch (``ddim_lab.engine.ddim.invert``, batch 1, with the inversion guidance), sample
+  that one trajectory (``ddim_lab.engine.ddim.sample``, batch 1), decode;
+- engine: ``ddim_lab.study.runner.Runner`` composed with Hydra like the CLI: each image inverted once, every
   grid point's trajectory batched through the UNet per timestep (at most ``--batch-size`` per call), joining
   when its start step comes; guidance 1 costs one UNet row per step.
 
@@ -48,15 +48,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local or bui
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ddim_lab.config import compose_config, validate  # noqa: E402
-from ddim_lab.data import Item, load_dataset  # noqa: E402
-from ddim_lab.ddim import invert, sample  # noqa: E402
-from ddim_lab.denoiser import Conditioning  # noqa: E402
-from ddim_lab.experiment import GridPoint, Runner, grid_points  # noqa: E402
-from ddim_lab.inversion import make_plan  # noqa: E402
-from ddim_lab.inversion.ddim import DDIMInversion  # noqa: E402
+from ddim_lab.config.core import compose_config, validate  # noqa: E402
+from ddim_lab.data.folders import Item, load_dataset  # noqa: E402
+from ddim_lab.engine.ddim import invert, sample  # noqa: E402
+from ddim_lab.engine.denoiser import Conditioning  # noqa: E402
+from ddim_lab.engine.schedule import Plan  # noqa: E402
+from ddim_lab.methods.inversion import make_plan  # noqa: E402
+from ddim_lab.methods.inversion.ddim import DDIMInversion  # noqa: E402
 from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
-from ddim_lab.schedule import Plan  # noqa: E402
+from ddim_lab.study.runner import GridPoint, Runner, grid_points  # noqa: E402
 
 log = logging.getLogger("benchmark_grid")
 

@@ -29,7 +29,7 @@ STEPS = (10, 25, 50, 100, 200)
 
 def synthetic_rows(images: int, steps=STEPS, inverters=INVERTERS, seed: int = 0) -> pd.DataFrame:
     """Rows in the result schema: PSNR grows with steps, null_text beats ddim by about 2 dB per image."""
-    from ddim_lab.records import results_frame
+    from ddim_lab.study.records import results_frame
 
     rng = np.random.default_rng(seed)
     image_effect = rng.normal(0, 2, images)
@@ -71,7 +71,7 @@ def synthetic_rows(images: int, steps=STEPS, inverters=INVERTERS, seed: int = 0)
 
 def write_runs(df: pd.DataFrame, root: Path, grids: bool = False, group: int = 8) -> None:
     """One run directory per (inverter, num_steps); ``grids``: each run's image groups' grids too."""
-    from ddim_lab.records import write_results
+    from ddim_lab.study.records import write_results
 
     for j, (_, rows) in enumerate(df.groupby(["inverter", "num_steps"], sort=True)):
         write_results(rows.to_dict("records"), root / str(j))
@@ -83,7 +83,7 @@ def write_grids(rows: pd.DataFrame, run_dir: Path, group: int) -> None:
     """``grid_NNN.png`` per group of ``group`` images: input | VAE round-trip | the run's one grid point."""
     import torch
 
-    from ddim_lab.records import save_grid
+    from ddim_lab.study.records import save_grid
 
     images = list(dict.fromkeys(rows["image"]))
     for n, first in enumerate(range(0, len(images), group)):
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="write the runs and report here (kept)")
     args = parser.parse_args(argv)
 
-    from ddim_lab.report import main as report_main
+    from ddim_lab.report.main import main as report_main
 
     images = max(1, args.rows // (len(INVERTERS) * len(STEPS)))
     with tempfile.TemporaryDirectory() as tmp:

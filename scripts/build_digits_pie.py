@@ -1,6 +1,6 @@
 """Rebuild the digits mini-benchmark (PIE-Bench format) in ddim_lab/assets/digits-pie.
 
-Usage: python scripts/build_digits_pie.py [OUT_DIR]   (deterministic; see ddim_lab/digits_pie.py)
+Usage: python scripts/build_digits_pie.py [OUT_DIR]   (deterministic; see ddim_lab/data/digits_pie.py)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ddim_lab.digits_pie import build
+from ddim_lab.data.digits_pie import build
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-pie"
 

@@ -46,7 +46,7 @@ KEY = ("image", "edit_prompt", "guidance_scale", "start_step")
 
 
 def command(sweep_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "ddim_lab.cli", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return [sys.executable, "-m", "ddim_lab.cli.main", *overrides, f"hydra.sweep.dir={sweep_dir}"]
 
 
 def environment(cache: Path) -> dict[str, str]:

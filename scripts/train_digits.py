@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab import digits
+from ddim_lab.data import digits
 from ddim_lab.models.build import build_pipeline
 
 log = logging.getLogger("train_digits")

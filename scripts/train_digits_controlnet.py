@@ -4,7 +4,7 @@
     python scripts/train_digits_controlnet.py steps=5 out_dir=/tmp/cn   # smoke run
 
 Steps: 1. load the shipped digits model (frozen: VAE, text encoder, UNet); 2. the training split only
-(``ddim_lab.digits``): 16 px images, their Canny edge maps (``ddim_lab.control``, the same code as
+(``ddim_lab.data.digits``): 16 px images, their Canny edge maps (``ddim_lab.methods.control``, the same code as
 ``control=canny``), VAE posterior latents and caption embeddings; 3. copy the UNet's encoder into a ControlNet
 and train it on the ε objective of the frozen UNet with the ControlNet residuals, prompt dropout 0.5, an EMA
 of its weights; 4. save with ``save_pretrained`` (safetensors) plus ``train_stats.json``.
@@ -25,8 +25,8 @@ from diffusers import ControlNetModel, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab import digits
-from ddim_lab.control import make_control
+from ddim_lab.data import digits
+from ddim_lab.methods.control import make_control
 from ddim_lab.models.loading import load_model
 
 log = logging.getLogger("train_digits_controlnet")

@@ -44,7 +44,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ddim_lab import digits
+from ddim_lab.data import digits
 
 log = logging.getLogger("train_digits_flow")
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")

@@ -18,9 +18,9 @@ import math
 import torch
 from diffusers import DDIMScheduler
 
-from ddim_lab.ddim import Prediction
-from ddim_lab.denoiser import Conditioning
-from ddim_lab.flow import sigma_of_timestep, to_flow, velocity_prediction
+from ddim_lab.engine.ddim import Prediction
+from ddim_lab.engine.denoiser import Conditioning
+from ddim_lab.engine.flow import sigma_of_timestep, to_flow, velocity_prediction
 
 
 def sd_scheduler(**overrides) -> DDIMScheduler:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from ddim_lab.config import config_dir
-from ddim_lab.records import write_results
+from ddim_lab.config.core import config_dir
+from ddim_lab.study.records import write_results
 
 
 def preset_report(name: str) -> dict:
@@ -24,6 +24,6 @@ def save_job(run_dir: Path, rows: list[dict], report: dict | None, **config) -> 
 
 def draw(sweep: Path, out: Path) -> int:
     """``ddim-lab-report SWEEP --out OUT/report --study-out OUT``; its exit code."""
-    from ddim_lab.report import main
+    from ddim_lab.report.main import main
 
     return main([str(sweep), "--out", str(out / "report"), "--study-out", str(out), "--resamples", "500"])

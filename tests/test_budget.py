@@ -6,7 +6,8 @@ import copy
 
 import pytest
 
-from ddim_lab.budget import (
+from ddim_lab.cli.main import precheck
+from ddim_lab.config.budget import (
     RowPoint,
     budget_steps,
     chosen_steps,
@@ -15,12 +16,12 @@ from ddim_lab.budget import (
     is_flow_model,
     stand_in_plans,
 )
-from ddim_lab.cli import precheck
-from ddim_lab.config import ConfigError, compose_config, validate
-from ddim_lab.data import load_dataset
-from ddim_lab.editing import make_editor
-from ddim_lab.experiment import Runner
-from ddim_lab.inversion import INVERTERS, make_inverter
+from ddim_lab.config.core import compose_config, validate
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.errors import ConfigError
+from ddim_lab.methods.editing import make_editor
+from ddim_lab.methods.inversion import INVERTERS, make_inverter
+from ddim_lab.study.runner import Runner
 from tests.conftest import DIGITS, model_spec
 
 # evaluations per image at guidance 1, start 0, written from each method's paper (the list), not from

@@ -6,8 +6,8 @@ import logging
 
 from PIL import Image
 
-from ddim_lab.data import load_dataset, with_prompt
-from ddim_lab.experiment import load_items
+from ddim_lab.data.folders import load_dataset, with_prompt
+from ddim_lab.study.runner import load_items
 from tests.conftest import DIGITS, lab_config
 
 
@@ -18,12 +18,12 @@ def _folder(path, names=("a.png", "b.png", "c.png")):
 
 
 def _messages(caplog, level: int) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == level and r.name == "ddim_lab.data"]
+    return [r.getMessage() for r in caplog.records if r.levelno == level and r.name == "ddim_lab.data.folders"]
 
 
 def test_a_folder_without_captions_warns_once_that_every_image_gets_the_empty_prompt(tmp_path, caplog):
     _folder(tmp_path)
-    with caplog.at_level(logging.INFO, logger="ddim_lab.data"):
+    with caplog.at_level(logging.INFO, logger="ddim_lab.data.folders"):
         items = load_dataset(tmp_path, 8, "")
     (warning,) = _messages(caplog, logging.WARNING)
     assert f"data.path={tmp_path} has no captions" in warning
@@ -33,7 +33,7 @@ def test_a_folder_without_captions_warns_once_that_every_image_gets_the_empty_pr
 
 def test_a_chosen_prompt_for_an_uncaptioned_folder_is_said_once_without_a_warning(tmp_path, caplog):
     _folder(tmp_path, ("a.png", "b.png"))
-    with caplog.at_level(logging.INFO, logger="ddim_lab.data"):
+    with caplog.at_level(logging.INFO, logger="ddim_lab.data.folders"):
         load_dataset(tmp_path, 8, "a photo")
     assert not _messages(caplog, logging.WARNING)
     said = [m for m in _messages(caplog, logging.INFO) if "has no captions" in m]
@@ -41,7 +41,7 @@ def test_a_chosen_prompt_for_an_uncaptioned_folder_is_said_once_without_a_warnin
 
 
 def test_a_captioned_folder_does_not_say_it_has_no_captions(caplog):
-    with caplog.at_level(logging.INFO, logger="ddim_lab.data"):
+    with caplog.at_level(logging.INFO, logger="ddim_lab.data.folders"):
         items = load_dataset(DIGITS, 8, "")
     said = _messages(caplog, logging.WARNING) + _messages(caplog, logging.INFO)
     assert not any("has no captions" in m for m in said)
@@ -49,7 +49,7 @@ def test_a_captioned_folder_does_not_say_it_has_no_captions(caplog):
 
 
 def test_captions_false_ignores_the_caption_file_and_says_so(caplog):
-    with caplog.at_level(logging.INFO, logger="ddim_lab.data"):
+    with caplog.at_level(logging.INFO, logger="ddim_lab.data.folders"):
         items = load_dataset(DIGITS, 8, "", captions=False)
     assert {it.prompt for it in items} == {""}
     said = [m for m in _messages(caplog, logging.INFO) if "data.captions=false" in m]

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ddim_lab.records import COLUMNS
+from ddim_lab.study.records import COLUMNS
 from tests.conftest import DIGITS, ROOT, lab_config
 
 ISSUE_COLUMNS = [
@@ -49,7 +49,7 @@ ISSUE_COLUMNS = [
 ]
 
 
-def ddim_lab(args: list[str], tmp: Path, module: str = "ddim_lab.cli") -> subprocess.CompletedProcess:
+def ddim_lab(args: list[str], tmp: Path, module: str = "ddim_lab.cli.main") -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -143,12 +143,13 @@ def as_main(script: Path) -> Callable[[], None]:
 
 
 def ddim_lab_here(
-    args: list[str], tmp: Path, module: str = "ddim_lab.cli", env: dict[str, str] | None = None
+    args: list[str], tmp: Path, module: str = "ddim_lab.cli.main", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """:func:`ddim_lab` run inside this process with :func:`run_here`: the same working directory, environment
     (``env`` on top), arguments, exit code and output. For what one process does; a test of process behaviour
     (signals, launchers, several processes, a fresh import, an install) uses :func:`ddim_lab`."""
-    from ddim_lab import cli, report
+    from ddim_lab.cli import main as cli
+    from ddim_lab.report import main as report
 
     home = str(tmp / "wandb-home")
     env = {
@@ -158,7 +159,7 @@ def ddim_lab_here(
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),  # cli.main sets it
         **(env or {}),
     }
-    main = (lambda: report.main(list(args))) if module == "ddim_lab.report" else cli.main
+    main = (lambda: report.main(list(args))) if module == "ddim_lab.report.main" else cli.main
     return run_here(main, [module, *args], tmp, env, unset=["WANDB_MODE"])
 
 
@@ -179,7 +180,7 @@ def four_digits(tmp_path: Path) -> Path:
 def test_quickstart_writes_results_grids_and_config(tmp_path):
     """``make quickstart`` (``ddim-lab +experiment=quickstart``) in a process of its own, on four of its digits:
     every image × grid point gives a row, as the preset's whole data (the 20 held-out digits) would."""
-    from ddim_lab.data import load_dataset
+    from ddim_lab.data.folders import load_dataset
 
     preset = lab_config("+experiment=quickstart")
     assert Path(preset.data.path) == DIGITS and preset.data.captions and len(load_dataset(DIGITS, 16, "")) == 20
@@ -229,7 +230,7 @@ def test_sweep_2x2_then_report_merges_every_job(tmp_path):
     # the four jobs shared two inversions per image: the later jobs read them from the cache
     assert sum(t.inversion_cached.sum() for t in tables) == 2 * 5
 
-    report = ddim_lab_here([str(sweep)], tmp_path, module="ddim_lab.report")
+    report = ddim_lab_here([str(sweep)], tmp_path, module="ddim_lab.report.main")
     assert report.returncode == 0, report.stderr[-3000:]
     merged = pd.read_parquet(sweep / "report.parquet")
     assert len(merged) == 20 and merged.run_dir.nunique() == 4
@@ -333,7 +334,7 @@ def test_run_directories_are_unique_and_never_shared(tmp_path):
     cmd = ["task=alpha_plot", "num_steps=10"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "ddim_lab.cli", *cmd],
+            [sys.executable, "-m", "ddim_lab.cli.main", *cmd],
             cwd=tmp_path,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
             stdout=subprocess.PIPE,
@@ -372,7 +373,7 @@ def test_alpha_plot_needs_only_the_scheduler_config(tmp_path):
         [
             sys.executable,
             "-m",
-            "ddim_lab.cli",
+            "ddim_lab.cli.main",
             "task=alpha_plot",
             "model=sd15",
             "num_steps=25",
@@ -435,7 +436,7 @@ def test_pie_editing_sweep_then_report_with_pairs_and_figures(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "report"
-    proc = ddim_lab_here([str(sweep), "--out", str(out), "--figures"], tmp_path, module="ddim_lab.report")
+    proc = ddim_lab_here([str(sweep), "--out", str(out), "--figures"], tmp_path, module="ddim_lab.report.main")
     assert proc.returncode == 0, proc.stderr[-3000:]
     paired = (out / "paired.md").read_text()
     assert "null_text" in paired and "ddim" in paired and "(no pairs)" not in paired

@@ -6,8 +6,9 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from ddim_lab.cli import precheck
-from ddim_lab.config import ConfigError, LabConfig, check_device, compose_config, config_dir, validate
+from ddim_lab.cli.main import precheck
+from ddim_lab.config.core import LabConfig, check_device, compose_config, config_dir, validate
+from ddim_lab.errors import ConfigError
 from tests.conftest import CONF
 
 GROUPS = ("model", "scheduler", "inverter", "data", "logger")
@@ -161,4 +162,4 @@ def test_launcher_configs_compose():
     assert launcher.timeout_min > 0 and launcher.array_parallelism > 0
     assert joblib.hydra.launcher._target_.endswith("JoblibLauncher")
     assert local.hydra.launcher._target_.endswith("LocalLauncher")
-    assert slurm.hydra.callbacks.ddim_lab._target_ == "ddim_lab.sweep.SweepCallback"
+    assert slurm.hydra.callbacks.ddim_lab._target_ == "ddim_lab.study.sweep.SweepCallback"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab.experiment import reconstruct_or_edit
-from ddim_lab.loggers import LocalLogger
-from ddim_lab.records import save_grid, stack_grids
-from ddim_lab.report_figures import grid_geometry
+from ddim_lab.report.figures import grid_geometry
+from ddim_lab.study.loggers import LocalLogger
+from ddim_lab.study.records import save_grid, stack_grids
+from ddim_lab.study.runner import reconstruct_or_edit
 from tests.conftest import lab_config
 
 HEADERS = ["input", "VAE round-trip", "g=1 k=0 recon", "g=7.5 k=0 recon"]

@@ -4,7 +4,7 @@ Each walkthrough's code blocks start with a path comment (after Hydra's ``# @pac
 first). :class:`Checkout` applies them the way the walkthrough says, without touching the checkout:
 
 - ``# conf/GROUP/NAME.yaml``: written into a copy of the config folder, which the lab composes from
-  (``ddim_lab.config.config_dir``, as an installed wheel's ``ddim_lab/conf`` would be);
+  (``ddim_lab.config.core.config_dir``, as an installed wheel's ``ddim_lab/conf`` would be);
 - ``# ddim_lab/PACKAGE/NAME.py``: written under the tmp dir, whose folder joins the package's ``__path__``, so
   ``ddim_lab.PACKAGE.NAME`` imports it;
 - ``# PATH.py: a new line in NAME``: the line evaluated in that module, its entries added to the dict or
@@ -33,15 +33,17 @@ import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from ddim_lab import cli, schema
-from ddim_lab import config as lab_config_module
-from ddim_lab.config import ConfigError, validate
-from ddim_lab.data import load_dataset
-from ddim_lab.experiment import Runner, load_items
-from ddim_lab.records import write_results
-from ddim_lab.report import collect_results
-from ddim_lab.report import main as report_main
-from ddim_lab.sweep import config_hash
+from ddim_lab import schema
+from ddim_lab.cli import main as cli
+from ddim_lab.config import core as lab_config_module
+from ddim_lab.config.core import validate
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.errors import ConfigError
+from ddim_lab.report.main import collect_results
+from ddim_lab.report.main import main as report_main
+from ddim_lab.study.records import write_results
+from ddim_lab.study.runner import Runner, load_items
+from ddim_lab.study.sweep import config_hash
 from tests import test_method_coverage
 from tests.conftest import DIGITS, lab_config
 
@@ -80,7 +82,7 @@ def blocks(text: str) -> list[Block]:
 
 
 def module_name(path: str) -> str:
-    """``ddim_lab/inversion/__init__.py`` → ``ddim_lab.inversion``; ``tests/x.py`` → ``tests.x``."""
+    """``ddim_lab/methods/inversion/__init__.py`` → ``ddim_lab.methods.inversion``; ``tests/x.py`` → ``tests.x``."""
     parts = Path(path).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -184,7 +186,7 @@ def test_blocks_name_their_files_and_registry_lines():
         ("a/__init__.py", "a new line in R"),
         ("conf/e/s.yaml", None),
     ]
-    assert module_name("ddim_lab/inversion/__init__.py") == "ddim_lab.inversion"
+    assert module_name("ddim_lab/methods/inversion/__init__.py") == "ddim_lab.methods.inversion"
 
 
 # -- 1. An inverter --------------------------------------------------------------------------------------------

@@ -20,13 +20,14 @@ from diffusers import (
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ddim_lab.cli import run
-from ddim_lab.config import ConfigError, compose_config, validate
-from ddim_lab.control import ControlUnavailable, make_control
-from ddim_lab.data import Item, load_dataset
-from ddim_lab.denoiser import UNetDenoiser
-from ddim_lab.experiment import Runner
+from ddim_lab.cli.main import run
+from ddim_lab.config.core import compose_config, validate
+from ddim_lab.data.folders import Item, load_dataset
+from ddim_lab.engine.denoiser import UNetDenoiser
+from ddim_lab.errors import ConfigError
+from ddim_lab.methods.control import ControlUnavailable, make_control
 from ddim_lab.models.loading import ModelUnavailable, attach_controlnet, load_model, model_dir
+from ddim_lab.study.runner import Runner
 from tests.conftest import lab_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,10 +289,10 @@ def test_cache_key_follows_control_settings(tiny, tiny_controlnet, cache_dir, it
 # -- the shipped digits ControlNet -------------------------------------------------------------------------
 def test_digits_controlnet_loads_and_draws_the_digit_of_the_edges(cache_dir):
     """With the empty prompt, only the edges say which digit to draw: the judge must read it from the result."""
-    from ddim_lab import digits
-    from ddim_lab.controlnet_task import control_pipeline, generate, make_sampler
-    from ddim_lab.judge import train_judge
-    from ddim_lab.metrics import ssim
+    from ddim_lab.data import digits
+    from ddim_lab.data.judge import train_judge
+    from ddim_lab.metrics.image import ssim
+    from ddim_lab.study.controlnet_task import control_pipeline, generate, make_sampler
 
     model = load_model(compose_config(["model=digits"]).model, {"device": "cpu"}, cache_dir)
     model = attach_controlnet(model, compose_config(["controlnet=digits-canny"]).controlnet)

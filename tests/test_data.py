@@ -1,4 +1,4 @@
-"""Tests for ddim_lab.data: the preprocessing policy, captions, error handling and the bundled assets."""
+"""Tests for ddim_lab.data.folders: the preprocessing policy, captions, error handling and the bundled assets."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import ddim_lab
-from ddim_lab import digits
-from ddim_lab.data import IMAGE_SUFFIXES, export_digits, load_dataset, load_image
+from ddim_lab.data import digits
+from ddim_lab.data.folders import IMAGE_SUFFIXES, export_digits, load_dataset, load_image
 
 ASSETS = Path(ddim_lab.__file__).parent / "assets"
 WHITE = (255, 255, 255)
@@ -267,7 +267,7 @@ def test_corrupt_file_is_skipped_with_warning(tmp_path, caplog):
     Image.new("RGB", (64, 64), RED).save(tmp_path / "full.jpg")
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
     (tmp_path / "full.jpg").unlink()
-    with caplog.at_level(logging.WARNING, logger="ddim_lab.data"):
+    with caplog.at_level(logging.WARNING, logger="ddim_lab.data.folders"):
         items = load_dataset(tmp_path, 8, "x")
     assert [item.name for item in items] == ["a.png", "c.bmp", "sub/b.JPG"]
     warned = "\n".join(record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
@@ -390,7 +390,7 @@ def test_elongated_image_crop_first_is_close_to_resize_first(tmp_path):
 def test_folder_without_captions_says_which_prompt_is_used(tmp_path, caplog):
     Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
     Image.new("RGB", (8, 8), BLUE).save(tmp_path / "b.png")
-    with caplog.at_level(logging.INFO, logger="ddim_lab.data"):
+    with caplog.at_level(logging.INFO, logger="ddim_lab.data.folders"):
         items = load_dataset(tmp_path, 8, "a photo")
     notes = [r.getMessage() for r in caplog.records if "captions.csv" in r.getMessage()]
     assert len(notes) == 1 and "prompt='a photo'" in notes[0]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from ddim_lab.ddim import invert, sample
-from ddim_lab.denoiser import Conditioning
-from ddim_lab.inversion import make_plan
+from ddim_lab.engine.ddim import invert, sample
+from ddim_lab.engine.denoiser import Conditioning
+from ddim_lab.methods.inversion import make_plan
 
 PROMPT = "a photograph of a cat"
 

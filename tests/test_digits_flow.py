@@ -19,10 +19,10 @@ from diffusers import (
 )
 from transformers import CLIPTextModelWithProjection
 
-from ddim_lab import digits
-from ddim_lab.ddim import invert, sample
-from ddim_lab.inversion import make_plan
-from ddim_lab.judge import train_judge
+from ddim_lab.data import digits
+from ddim_lab.data.judge import train_judge
+from ddim_lab.engine.ddim import invert, sample
+from ddim_lab.methods.inversion import make_plan
 from ddim_lab.models.loading import load_model, shipped_model_dir
 from tests.conftest import ROOT
 from tests.test_cli import as_main, run_here

@@ -15,12 +15,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddim_lab import digits
-from ddim_lab.data import load_dataset
-from ddim_lab.ddim import invert, sample
-from ddim_lab.denoiser import Conditioning
-from ddim_lab.inversion import make_plan
-from ddim_lab.judge import held_out_accuracies, to_scan, train_judge
+from ddim_lab.data import digits
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.data.judge import held_out_accuracies, to_scan, train_judge
+from ddim_lab.engine.ddim import invert, sample
+from ddim_lab.engine.denoiser import Conditioning
+from ddim_lab.methods.inversion import make_plan
 from ddim_lab.models.loading import load_model, shipped_model_dir
 
 HELD_OUT_DIR = Path(str(resources.files("ddim_lab") / "assets" / "digits-heldout"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ddim_lab.distributed import my_share, process_info
+from ddim_lab.study.distributed import my_share, process_info
 from tests.conftest import ROOT
 from tests.test_cli import ddim_lab_here
 
@@ -52,7 +52,7 @@ def test_two_processes_write_one_table_equal_to_one_process(tmp_path):
     args = [f"data.path={six_digits(tmp_path)}", "num_steps=3", "batch_size=2", "metrics.lpips=off"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DDIM_LAB_CACHE": str(tmp_path / "c1")}
     split = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ddim_lab.cli", *args],
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ddim_lab.cli.main", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
-from ddim_lab import digits, edit_metrics
-from ddim_lab.edit_metrics import (
+from ddim_lab.data import digits
+from ddim_lab.data.pie import load_pie
+from ddim_lab.metrics import edit as edit_metrics
+from ddim_lab.metrics.edit import (
     ClipSimilarity,
     EditMetrics,
     StructureDistance,
@@ -21,7 +23,6 @@ from ddim_lab.edit_metrics import (
     region_metrics,
     to_uint8,
 )
-from ddim_lab.pie import load_pie
 from tests.conftest import ROOT
 
 MISSING = "ddim-lab-tests/no-such-model"
@@ -204,7 +205,7 @@ def test_structure_distance_matches_the_reference_definition(vit_dir):
 
 def test_missing_weights_give_nan_and_one_message(fresh_notices, caplog):
     images = torch.rand(2, 3, 16, 16)
-    with caplog.at_level(logging.WARNING, logger="ddim_lab.edit_metrics"):
+    with caplog.at_level(logging.WARNING, logger="ddim_lab.metrics.edit"):
         clip = ClipSimilarity(MISSING)
         again = ClipSimilarity(MISSING)
         structure = StructureDistance(MISSING + "-dino")
@@ -220,7 +221,7 @@ def test_missing_weights_give_nan_and_one_message(fresh_notices, caplog):
 def test_missing_weights_required_raises_and_off_is_silent(fresh_notices, caplog):
     with pytest.raises(WeightsUnavailable, match=MISSING):
         ClipSimilarity(MISSING, mode="required")
-    with caplog.at_level(logging.WARNING, logger="ddim_lab.edit_metrics"):
+    with caplog.at_level(logging.WARNING, logger="ddim_lab.metrics.edit"):
         assert not StructureDistance(MISSING, mode="off").available
     assert not caplog.records
     with pytest.raises(ValueError, match="mode"):

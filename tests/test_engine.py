@@ -22,11 +22,11 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
-from ddim_lab.cache import InversionCache
-from ddim_lab.data import Item, load_dataset
-from ddim_lab.experiment import Runner, reconstruct_or_edit
-from ddim_lab.loggers import LocalLogger
+from ddim_lab.data.folders import Item, load_dataset
 from ddim_lab.models.loading import fingerprint, load_model
+from ddim_lab.study.cache import InversionCache
+from ddim_lab.study.loggers import LocalLogger
+from ddim_lab.study.runner import Runner, reconstruct_or_edit
 from tests.conftest import lab_config
 
 DIGITS = Path(__file__).resolve().parents[1] / "ddim_lab" / "assets" / "digits-heldout"
@@ -204,7 +204,7 @@ def test_second_run_of_the_whole_task_spends_no_inversion_evaluations(tiny, tmp_
 WRITER = """
 import sys, time, torch
 from pathlib import Path
-from ddim_lab.cache import InversionCache
+from ddim_lab.study.cache import InversionCache
 root, key, value, rounds, sync = sys.argv[1:]
 payload = torch.full((24, 4, 96, 96), float(value))
 cache = InversionCache(root)
@@ -254,7 +254,7 @@ def test_corrupt_entry_is_recomputed_with_a_warning(tiny, items, tmp_path, caplo
     path = runner.cache._path(runner.inversion_key(items[0]))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write from some older tool
     again = Runner(cfg, tiny)
-    with caplog.at_level(logging.WARNING, logger="ddim_lab.cache"):
+    with caplog.at_level(logging.WARNING, logger="ddim_lab.study.cache"):
         (traj,), cached = invert_all(again, items[:1], x0)
     assert cached == [False] and again.evals["inversion"] == STEPS
     assert any("unreadable cache entry" in r.getMessage() for r in caplog.records)

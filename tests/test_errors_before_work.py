@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ddim_lab import cli
-from ddim_lab.config import ConfigError
+from ddim_lab.cli import main as cli
+from ddim_lab.errors import ConfigError
 from ddim_lab.models import build, loading
 from tests.conftest import lab_config
 

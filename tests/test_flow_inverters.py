@@ -25,13 +25,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ddim_lab.cache import InversionCache
-from ddim_lab.data import load_dataset
-from ddim_lab.experiment import Runner
-from ddim_lab.flow import flow_plan, flow_sigmas
-from ddim_lab.inversion import make_inverter, make_plan
-from ddim_lab.inversion.base import InvertContext, Inverter, SampleRows
-from ddim_lab.schedule import Plan
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.engine.flow import flow_plan, flow_sigmas
+from ddim_lab.engine.schedule import Plan
+from ddim_lab.methods.inversion import make_inverter, make_plan
+from ddim_lab.methods.inversion.base import InvertContext, Inverter, SampleRows
+from ddim_lab.study.cache import InversionCache
+from ddim_lab.study.runner import Runner
 from tests.conftest import DIGITS, lab_config, model_spec
 from tests.denoisers import GaussianFlowDenoiser, LinearFlowDenoiser, ToyFlowDenoiser, sd_scheduler, toy_cond
 

@@ -1,11 +1,19 @@
-"""The σ ↔ ᾱ map of ``ddim_lab.flow``: a DDIM step on rescaled latents is one Euler step of the flow."""
+"""The σ ↔ ᾱ map of ``ddim_lab.engine.flow``: a DDIM step on rescaled latents is one Euler step of the flow."""
 
 from __future__ import annotations
 
 import torch
 
-from ddim_lab.ddim import ddim_step
-from ddim_lab.flow import flow_alpha, flow_plan, flow_sigma, from_flow, to_flow, velocity, velocity_prediction
+from ddim_lab.engine.ddim import ddim_step
+from ddim_lab.engine.flow import (
+    flow_alpha,
+    flow_plan,
+    flow_sigma,
+    from_flow,
+    to_flow,
+    velocity,
+    velocity_prediction,
+)
 
 
 def test_sigma_alpha_round_trip():

@@ -14,13 +14,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from omegaconf import open_dict
 
-from ddim_lab.data import load_dataset
-from ddim_lab.ddim import sample
-from ddim_lab.experiment import Runner
-from ddim_lab.flow import flow_scheduler, flow_sigmas, resolution_shift
-from ddim_lab.flow_denoiser import pack_latents, unpack_latents
-from ddim_lab.inversion import make_plan
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.engine.ddim import sample
+from ddim_lab.engine.flow import flow_scheduler, flow_sigmas, resolution_shift
+from ddim_lab.engine.flow_denoiser import pack_latents, unpack_latents
+from ddim_lab.methods.inversion import make_plan
 from ddim_lab.models.loading import FlowModel, ModelUnavailable, load_model
+from ddim_lab.study.runner import Runner
 from tests.conftest import DIGITS, lab_config, model_spec
 from tests.test_cli import ddim_lab_here
 
@@ -292,7 +292,7 @@ def test_missing_flow_weights_give_the_one_line_message(tmp_path, monkeypatch, n
 
 
 def test_alpha_plot_of_a_flow_model_needs_no_weights(tmp_path):
-    from ddim_lab.tasks import alpha_plot
+    from ddim_lab.study.tasks import alpha_plot
 
     table = alpha_plot(lab_config("task=alpha_plot", model="tiny-flow", steps=STEPS), tmp_path)
     assert table.alpha_cumprod.iloc[0] == 0 and (table.timestep.diff().dropna() < 0).all()

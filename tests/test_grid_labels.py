@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab import experiment
-from ddim_lab.loggers import LocalLogger
-from ddim_lab.records import VAE_COLUMN, psnr_caption, save_grid, tile_captions
-from ddim_lab.report_figures import grid_geometry, image_bands
+from ddim_lab.report.figures import grid_geometry, image_bands
+from ddim_lab.study import runner as experiment
+from ddim_lab.study.loggers import LocalLogger
+from ddim_lab.study.records import VAE_COLUMN, psnr_caption, save_grid, tile_captions
 from tests.conftest import DIGITS, lab_config
 
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ddim_lab.config import compose_config
-from ddim_lab.experiment import GroupsFailed, NonFiniteResult, Runner, reconstruct_or_edit
-from ddim_lab.loggers import LocalLogger
+from ddim_lab.config.core import compose_config
+from ddim_lab.study.loggers import LocalLogger
+from ddim_lab.study.runner import GroupsFailed, NonFiniteResult, Runner, reconstruct_or_edit
 
 
 def test_a_failed_group_is_recorded_and_a_rerun_finishes_only_it(digits, tmp_path, monkeypatch):

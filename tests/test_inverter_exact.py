@@ -17,12 +17,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from ddim_lab.cache import InversionCache
-from ddim_lab.data import Item, load_dataset
-from ddim_lab.experiment import Runner
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, Inverter, SampleRows
-from ddim_lab.schedule import exact_plan
+from ddim_lab.data.folders import Item, load_dataset
+from ddim_lab.engine.schedule import exact_plan
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, Inverter, SampleRows
+from ddim_lab.study.cache import InversionCache
+from ddim_lab.study.runner import Runner
 from tests.conftest import lab_config
 from tests.denoisers import ToyDenoiser, sd_scheduler, toy_cond
 

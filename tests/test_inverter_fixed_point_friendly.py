@@ -17,16 +17,17 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from ddim_lab.config import ConfigError, compose_config, validate
-from ddim_lab.data import Item, load_dataset
-from ddim_lab.ddim import Prediction
-from ddim_lab.experiment import Runner
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, SampleRows
-from ddim_lab.inversion.ddim import DDIMInversion
-from ddim_lab.inversion.edit_friendly import EditFriendlyInversion
-from ddim_lab.inversion.fixed_point import FixedPointInversion
-from ddim_lab.schedule import exact_plan
+from ddim_lab.config.core import compose_config, validate
+from ddim_lab.data.folders import Item, load_dataset
+from ddim_lab.engine.ddim import Prediction
+from ddim_lab.engine.schedule import exact_plan
+from ddim_lab.errors import ConfigError
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows
+from ddim_lab.methods.inversion.ddim import DDIMInversion
+from ddim_lab.methods.inversion.edit_friendly import EditFriendlyInversion
+from ddim_lab.methods.inversion.fixed_point import FixedPointInversion
+from ddim_lab.study.runner import Runner
 from tests.conftest import lab_config
 from tests.denoisers import GaussianDenoiser, ToyDenoiser, sd_scheduler, toy_cond
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddim_lab.cache import InversionCache
-from ddim_lab.data import Item, load_dataset
-from ddim_lab.ddim import invert, sample
-from ddim_lab.denoiser import Conditioning, UNetDenoiser
-from ddim_lab.experiment import Runner
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, SampleRows
-from ddim_lab.inversion.null_text import NullTextInversion
-from ddim_lab.metrics import psnr
+from ddim_lab.data.folders import Item, load_dataset
+from ddim_lab.engine.ddim import invert, sample
+from ddim_lab.engine.denoiser import Conditioning, UNetDenoiser
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows
+from ddim_lab.methods.inversion.null_text import NullTextInversion
+from ddim_lab.metrics.image import psnr
 from ddim_lab.models.loading import load_model
+from ddim_lab.study.cache import InversionCache
+from ddim_lab.study.runner import Runner
 from tests.conftest import model_spec
 from tests.test_controlnet import _controlnet
 from tests.test_engine import DIGITS, encode, make_cfg, per_step
@@ -362,7 +362,7 @@ def test_check_rejects_settings_it_cannot_run(knobs):
 def test_config_builds_the_default_inverter():
     from omegaconf import OmegaConf
 
-    from ddim_lab.config import CONF_DIR
+    from ddim_lab.config.core import CONF_DIR
 
     spec = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "inverter" / "null_text.yaml"))
     assert make_inverter(spec) == NullTextInversion()

@@ -18,12 +18,12 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from omegaconf import DictConfig
 
-from ddim_lab.data import Item, load_dataset
-from ddim_lab.ddim import invert, sample
-from ddim_lab.denoiser import Conditioning, UNetDenoiser
-from ddim_lab.experiment import Runner
-from ddim_lab.inversion import INVERTERS, inverter_class, make_plan
-from ddim_lab.inversion.flow_euler import FlowEulerInversion
+from ddim_lab.data.folders import Item, load_dataset
+from ddim_lab.engine.ddim import invert, sample
+from ddim_lab.engine.denoiser import Conditioning, UNetDenoiser
+from ddim_lab.methods.inversion import INVERTERS, inverter_class, make_plan
+from ddim_lab.methods.inversion.flow_euler import FlowEulerInversion
+from ddim_lab.study.runner import Runner
 from tests.conftest import lab_config
 from tests.denoisers import sd_scheduler
 
@@ -365,7 +365,7 @@ def test_every_method_runs_from_the_command_line_and_the_report_puts_them_side_b
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = ddim_lab_here([str(sweep)], tmp_path, module="ddim_lab.report")
+    report = ddim_lab_here([str(sweep)], tmp_path, module="ddim_lab.report.main")
     assert report.returncode == 0, report.stderr[-3000:]
     table = (sweep / "report.md").read_text()
     for name in ALL:

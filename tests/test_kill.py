@@ -14,7 +14,7 @@ import time
 
 import pandas as pd
 
-from ddim_lab.records import read_parts
+from ddim_lab.study.records import read_parts
 from tests.conftest import ROOT
 from tests.test_cli import ddim_lab_here
 
@@ -55,7 +55,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.path={data}", "batch_size=1", "num_steps=10", "metrics.lpips=off", "runtime.progress=false"]
     args.append(f"hydra.run.dir={run_dir}")
-    command = [sys.executable, "-m", "ddim_lab.cli", *args]
+    command = [sys.executable, "-m", "ddim_lab.cli.main", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DDIM_LAB_CACHE": str(tmp_path / "c")}
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -1,4 +1,4 @@
-"""Tests for ddim_lab.loggers: the local no-op logger and the W&B backend (offline / disabled, no network)."""
+"""Tests for ddim_lab.study.loggers: the local no-op logger and the W&B backend (offline / disabled, no network)."""
 
 import math
 import time
@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ddim_lab.loggers import LocalLogger, open_logger
-from ddim_lab.records import save_grid
+from ddim_lab.study.loggers import LocalLogger, open_logger
+from ddim_lab.study.records import save_grid
 
 WANDB_CFG = {"name": "wandb", "project": "ddim-lab-test", "entity": None, "mode": "offline", "tags": ["test"]}
 
@@ -129,7 +129,7 @@ class _FakeRun:
 def test_results_are_one_table_and_summary_means_not_one_step_per_row():
     import wandb
 
-    from ddim_lab.loggers import WandbLogger
+    from ddim_lab.study.loggers import WandbLogger
 
     run = _FakeRun()
     WandbLogger(run).log_rows(_results())
@@ -141,7 +141,7 @@ def test_results_are_one_table_and_summary_means_not_one_step_per_row():
 
 
 def test_sweep_group_is_the_full_sweep_path(tmp_path):
-    from ddim_lab.cli import wandb_group
+    from ddim_lab.cli.main import wandb_group
 
     a = wandb_group(str(tmp_path / "2026-11-27" / "10-00-00"))
     b = wandb_group(str(tmp_path / "2026-11-28" / "10-00-00"))

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, open_dict
 
-from ddim_lab.data import load_dataset
-from ddim_lab.editing import EDITORS
-from ddim_lab.experiment import Runner
-from ddim_lab.inversion import INVERTERS
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.methods.editing import EDITORS
+from ddim_lab.methods.inversion import INVERTERS
+from ddim_lab.study.runner import Runner
 from tests import test_flow_inverters, test_inverters
 from tests.conftest import DIGITS, lab_config
 
@@ -121,6 +121,6 @@ def test_every_editor_has_a_reference_parity_test(name):
 
 
 def test_a_method_without_tests_is_caught(monkeypatch):
-    monkeypatch.setitem(INVERTERS, "untested", "ddim_lab.inversion.ddim:DDIMInversion")
+    monkeypatch.setitem(INVERTERS, "untested", "ddim_lab.methods.inversion.ddim:DDIMInversion")
     assert missing_tests("untested", COST_TESTS, KEY_TESTS) == ["reference parity", "cost formula", "cache key"]
     assert missing_tests("ddim", COST_TESTS, KEY_TESTS) == []

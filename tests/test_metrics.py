@@ -1,4 +1,4 @@
-"""Tests for ddim_lab.metrics against scikit-image, the lpips package and the offline LPIPS policy."""
+"""Tests for ddim_lab.metrics.image against scikit-image, the lpips package and the offline LPIPS policy."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import ddim_lab
-from ddim_lab.data import load_dataset
-from ddim_lab.metrics import (
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.metrics.image import (
     LPIPS_BACKBONE_ARCHS,
     LPIPS_BACKBONE_FILES,
     ImageMetrics,
@@ -194,7 +194,7 @@ def test_missing_backbone_auto_warns_once_and_gives_nan(tmp_path, monkeypatch, c
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     metrics = ImageMetrics(lpips_net="alex", lpips="auto")
     assert not metrics.lpips_available
-    with caplog.at_level(logging.WARNING, logger="ddim_lab.metrics"):
+    with caplog.at_level(logging.WARNING, logger="ddim_lab.metrics.image"):
         for _ in range(3):
             values = metrics(photos[:2], degrade(photos[:2]))
             assert values["lpips"].shape == (2,) and torch.isnan(values["lpips"]).all()

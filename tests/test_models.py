@@ -73,7 +73,7 @@ def test_half_precision_keeps_the_vae_in_fp32(cache_dir):
 
 
 def _cond(model, guidance=(2.0,)):
-    from ddim_lab.denoiser import Conditioning
+    from ddim_lab.engine.denoiser import Conditioning
 
     n = len(guidance)
     return Conditioning(

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ddim_lab.budget import budget_steps, explicit_num_steps
-from ddim_lab.config import config_dir
-from ddim_lab.inversion import INVERTERS
-from ddim_lab.report import collect_results
-from ddim_lab.report_spec import ReportSpecError
-from ddim_lab.report_studies import study_rows, typed_report
-from ddim_lab.report_study_tables import study_table
-from ddim_lab.stats import Bootstrap
+from ddim_lab.config.budget import budget_steps, explicit_num_steps
+from ddim_lab.config.core import config_dir
+from ddim_lab.config.report_spec import ReportSpecError
+from ddim_lab.methods.inversion import INVERTERS
+from ddim_lab.report.main import collect_results
+from ddim_lab.report.stats import Bootstrap
+from ddim_lab.report.studies import study_rows, typed_report
+from ddim_lab.report.study_tables import study_table
 from tests.studies import draw, preset_report, save_job
 
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ddim_lab.config import ConfigError, validate
-from ddim_lab.editing import EditPrompts, make_editor
-from ddim_lab.editing.align import align, refine_map, replace_map, token_ids, word_tokens
-from ddim_lab.editing.attention import AttentionControl, Layout, P2PAttnProcessor
-from ddim_lab.editing.p2p import SOURCE, TARGET, PairedDenoiser, attention_network
-from ddim_lab.experiment import Runner, load_items
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import SampleRows
+from ddim_lab.config.core import validate
+from ddim_lab.errors import ConfigError
+from ddim_lab.methods.editing import EditPrompts, make_editor
+from ddim_lab.methods.editing.align import align, refine_map, replace_map, token_ids, word_tokens
+from ddim_lab.methods.editing.attention import AttentionControl, Layout, P2PAttnProcessor
+from ddim_lab.methods.editing.p2p import SOURCE, TARGET, PairedDenoiser, attention_network
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import SampleRows
 from ddim_lab.models.tokenizer import build_tokenizer
+from ddim_lab.study.runner import Runner, load_items
 from tests.conftest import lab_config
 from tests.denoisers import sd_scheduler, toy_cond
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab import digits
-from ddim_lab.config import register_resolvers
-from ddim_lab.data import DataError, load_dataset
-from ddim_lab.digits_pie import build, edit_success, target_digit
-from ddim_lab.pie import (
+from ddim_lab.config.core import register_resolvers
+from ddim_lab.data import digits
+from ddim_lab.data.digits_pie import build, edit_success, target_digit
+from ddim_lab.data.folders import DataError, load_dataset
+from ddim_lab.data.pie import (
     EDITING_TYPES,
     MalformedEntry,
     PieItem,
@@ -172,7 +172,7 @@ def test_malformed_entries_are_skipped_and_named(tmp_path, caplog):
     (tmp_path / "annotation_images" / "junk.png").write_bytes(b"not a png")
     entries["junk"] = _entry("junk.png")
     (tmp_path / "mapping_file.json").write_text(json.dumps(entries))
-    with caplog.at_level(logging.WARNING, logger="ddim_lab.pie"):
+    with caplog.at_level(logging.WARNING, logger="ddim_lab.data.pie"):
         items = load_pie(tmp_path, 8)
     assert [it.name for it in items] == ["good"]
     for image_id, why in [

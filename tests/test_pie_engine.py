@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from ddim_lab.config import ConfigError, compose_config, validate
-from ddim_lab.experiment import Runner, load_items
+from ddim_lab.config.core import compose_config, validate
+from ddim_lab.errors import ConfigError
+from ddim_lab.study.runner import Runner, load_items
 
 
 def cfg_for(*overrides: str):

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from ddim_lab import prefetch
-from ddim_lab.metrics import lpips_backbone_path
+from ddim_lab.cli import prefetch
+from ddim_lab.metrics.image import lpips_backbone_path
 
 
 @pytest.fixture
@@ -104,6 +104,6 @@ def test_alpha_plot_needs_only_the_scheduler_config(caches, capsys):
 
 def test_shipped_model_needs_nothing_and_bad_overrides_are_one_line(caches, caplog):
     assert prefetch.main(["--check", "metrics.lpips=off"]) == 0
-    with caplog.at_level(logging.ERROR, logger="ddim_lab.prefetch"):
+    with caplog.at_level(logging.ERROR, logger="ddim_lab.cli.prefetch"):
         assert prefetch.main(["--check", "model=sd51"]) == 2
-    assert "model=sd51" in [r.getMessage() for r in caplog.records if r.name == "ddim_lab.prefetch"][-1]
+    assert "model=sd51" in [r.getMessage() for r in caplog.records if r.name == "ddim_lab.cli.prefetch"][-1]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ddim_lab.protocol import Protocol, ids_digest
+from ddim_lab.study.protocol import Protocol, ids_digest
 
 BASE = {"benchmark": "pie-bench", "resolution": 512}
 PINNED_ID = "f6b1dd85d1a2"  # Protocol.for_images(["b", "a"], **BASE): changing it invalidates every id
@@ -28,7 +28,7 @@ def test_id_is_pinned_and_short():
 @pytest.mark.parametrize("seed", ["0", "12345"])
 def test_id_is_the_same_in_another_process(seed):
     code = (
-        "from ddim_lab.protocol import Protocol;"
+        "from ddim_lab.study.protocol import Protocol;"
         "print(Protocol.for_images(['b', 'a'], benchmark='pie-bench', resolution=512).id())"
     )
     env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ddim_lab.provenance import git_revision, provenance
+from ddim_lab.study.provenance import git_revision, provenance
 from tests.conftest import ROOT
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from ddim_lab.config import config_dir, validate
-from ddim_lab.experiment import Runner, load_items
-from ddim_lab.inversion import INVERTERS
-from ddim_lab.records import write_results
+from ddim_lab.config.core import config_dir, validate
+from ddim_lab.methods.inversion import INVERTERS
+from ddim_lab.study.records import write_results
+from ddim_lab.study.runner import Runner, load_items
 from tests.conftest import lab_config
 from tests.studies import draw, preset_report, save_job
 

@@ -1,4 +1,4 @@
-"""Tests for ddim_lab.records: result schema, atomic table writes and labelled image grids."""
+"""Tests for ddim_lab.study.records: result schema, atomic table writes and labelled image grids."""
 
 import os
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab import records
-from ddim_lab.records import COLUMNS, GRID_PAD, save_grid, write_results
+from ddim_lab.study import records
+from ddim_lab.study.records import COLUMNS, GRID_PAD, save_grid, write_results
 
 SPEC = (
     "image, prompt, edit_prompt, negative_prompt, task, model, scheduler, inverter, inverter_knobs, "

@@ -28,10 +28,10 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from ddim_lab.data import load_dataset
-from ddim_lab.denoiser import Conditioning
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import Artifact, InvertContext, SampleRows
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.engine.denoiser import Conditioning
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import Artifact, InvertContext, SampleRows
 from tests.references import bdia as ref_bdia
 from tests.references import course_notebook, ddpm_inversion, pnp_inversion, renoise
 from tests.references import edict as ref_edict

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
-from ddim_lab.data import load_dataset
-from ddim_lab.denoiser import Conditioning
-from ddim_lab.editing import EditPrompts, make_editor
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, SampleRows
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.engine.denoiser import Conditioning
+from ddim_lab.methods.editing import EditPrompts, make_editor
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from ddim_lab.models.loading import LatentModel
 from tests.conftest import DIGITS
 from tests.references import null_text_w_ptp as ptp

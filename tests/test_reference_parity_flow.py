@@ -9,7 +9,7 @@ same levels (the SD3 pipeline's ``scheduler.set_timesteps(N)`` sigmas), and comp
 - sampling from step 0 (the whole reference pipeline: its own inversion, then its own sampling) and from
   step k (both from the lab's latent at σ_k, as a reference run with strength (N − k)/N starts).
 
-The lab keeps variance-preserving latents z = x_σ / r(σ), r(σ) = √((1−σ)² + σ²) (``ddim_lab.flow``); the
+The lab keeps variance-preserving latents z = x_σ / r(σ), r(σ) = √((1−σ)² + σ²) (``ddim_lab.engine.flow``); the
 transcriptions step the flow latent x_σ, so the lab's trajectory is compared after multiplying by r(σ).
 RF-Inversion's deliberate deviations are stated and measured where they apply (see its tests).
 Measured max |Δ| (N = 6, two digits, latents up to |x| ≈ 3.5): rf_solver 3.6e-6, fireflow 3.3e-6, uni_inv
@@ -28,9 +28,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ddim_lab import digits
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, SampleRows
+from ddim_lab.data import digits
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from tests.conftest import model_spec
 from tests.references import flow as ref
 

@@ -3,7 +3,7 @@
 The reference (``tests/references/p2p.py``, transcribed from google/prompt-to-prompt and PnPInversion's copy
 of its controllers) materialises every attention map, edits the cond half with AttentionRefine / Replace
 wrapped in AttentionReweight, and samples the pair [source, target] with diffusers' ``DDIMScheduler``; the lab
-edits the attention output of fused attention (``ddim_lab.editing.attention``) inside its own sampler. Both
+edits the attention output of fused attention (``ddim_lab.methods.editing.attention``) inside its own sampler. Both
 start from the same latent (the lab's DDIM inversion of a held-out digit) at guidance 3 (so the uncond
 branch, which neither edits, is in every call) and are compared at float32 tolerance:
 
@@ -12,7 +12,7 @@ branch, which neither edits, is in every call) and are compared at float32 toler
 - the cross-attention window is the reference's int(c · (N + 1)) steps (its alpha table has N + 1 rows), the
   self-attention window int(N · s): at N = 7, c = 0.4 that is 3 steps where ⌊c · N⌋ gives 2 (issue 19,
   item 5);
-- the local blend is a stated deviation (``ddim_lab.editing.blend``): the lab blends from the first step and
+- the local blend is a stated deviation (``ddim_lab.methods.editing.blend``): the lab blends from the first step and
   keeps the union of the masks over steps; PnPInversion and null-text start after int(0.2 · N) steps and
   re-threshold each step. With those two switches set the lab's way the transcription matches at float32;
   with the reference's own settings the difference is asserted at its measured size.
@@ -28,11 +28,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ddim_lab import digits as digit_data
-from ddim_lab.editing import EditPrompts, make_editor
-from ddim_lab.editing.p2p import SOURCE, TARGET
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, SampleRows
+from ddim_lab.data import digits as digit_data
+from ddim_lab.methods.editing import EditPrompts, make_editor
+from ddim_lab.methods.editing.p2p import SOURCE, TARGET
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from tests.references import p2p as ref
 
 GUIDANCE = 3.0

@@ -1,4 +1,4 @@
-"""Tests for ddim_lab.report: merging run directories, the markdown summary, figures and the CLI."""
+"""Tests for ddim_lab.report.main: merging run directories, the markdown summary, figures and the CLI."""
 
 import math
 import subprocess
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ddim_lab.records import write_results
-from ddim_lab.report import collect_results, main, summarize, varying_columns, write_report
+from ddim_lab.report.main import collect_results, main, summarize, varying_columns, write_report
+from ddim_lab.study.records import write_results
 
 
 def _rows(num_steps: int, psnrs: list[float], lpips: list[float], guidance: float = 1.0, start: int = 0):
@@ -115,7 +115,9 @@ def test_cli_empty_dir_exits_2(tmp_path, caplog):
 
 def test_cli_empty_dir_message_on_stderr(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "ddim_lab.report", str(tmp_path / "missing")], capture_output=True, text=True
+        [sys.executable, "-m", "ddim_lab.report.main", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "no results.parquet" in proc.stderr and proc.stdout == ""
@@ -140,7 +142,7 @@ def test_figures_vs_start_step_and_skip_all_missing(tmp_path):
 
 
 def test_figures_read_saved_tables(multirun, tmp_path):
-    from ddim_lab.report import make_figures
+    from ddim_lab.report.main import make_figures
 
     write_report(multirun, tmp_path)
     df = pd.read_parquet(tmp_path / "report.parquet")
@@ -152,8 +154,8 @@ def test_figures_read_saved_tables(multirun, tmp_path):
 def test_report_lists_failed_and_missing_jobs_and_reads_unfinished_parts(tmp_path):
     import json
 
-    from ddim_lab.records import write_part
-    from ddim_lab.sweep import SWEEP_JSON, claim, mark_done, record_failure
+    from ddim_lab.study.records import write_part
+    from ddim_lab.study.sweep import SWEEP_JSON, claim, mark_done, record_failure
 
     root = tmp_path / "sweep"
     jobs = [{"num": i, "dir": str(i), "overrides": [f"num_steps={10 * (i + 1)}"]} for i in range(4)]

@@ -10,9 +10,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ddim_lab import records, report_grids
-from ddim_lab.report import collect_results
-from ddim_lab.report_grids import arm_name, point_label, qualitative_grids
+from ddim_lab.report import grids as report_grids
+from ddim_lab.report.grids import arm_name, point_label, qualitative_grids
+from ddim_lab.report.main import collect_results
+from ddim_lab.study import records
 
 N_IMAGES = 6
 

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ddim_lab import records, schema
-from ddim_lab.records import results_frame, write_results
-from ddim_lab.report_figures import metric_figures, pareto_figures, pareto_front
-from ddim_lab.report_grids import grid_geometry
-from ddim_lab.report_html import render_html, write_outputs
-from ddim_lab.report_tables import analyze, intervals_markdown, latex, write_tables
-from ddim_lab.stats import Bootstrap
+from ddim_lab import schema
+from ddim_lab.report.figures import metric_figures, pareto_figures, pareto_front
+from ddim_lab.report.grids import grid_geometry
+from ddim_lab.report.html import render_html, write_outputs
+from ddim_lab.report.stats import Bootstrap
+from ddim_lab.report.tables import analyze, intervals_markdown, latex, write_tables
+from ddim_lab.study import records
+from ddim_lab.study.records import results_frame, write_results
 
 FAST = Bootstrap(resamples=200, seed=0)
 
@@ -266,7 +267,7 @@ def _sweep_with_grids(tmp_path: Path, n_images: int = 5, inverters=("ddim", "nul
 
 
 def test_qualitative_grid_puts_the_arms_side_by_side_with_one_input_and_vae_column(tmp_path):
-    from ddim_lab.report import collect_results
+    from ddim_lab.report.main import collect_results
 
     root = _sweep_with_grids(tmp_path)
     df = collect_results(root)
@@ -286,8 +287,8 @@ def test_qualitative_grid_puts_the_arms_side_by_side_with_one_input_and_vae_colu
 
 
 def test_html_page_opens_offline_sorts_and_shows_grids_by_default(tmp_path):
-    from ddim_lab.report import collect_results
-    from ddim_lab.report_grids import PER_GRID
+    from ddim_lab.report.grids import PER_GRID
+    from ddim_lab.report.main import collect_results
 
     root = _sweep_with_grids(tmp_path, n_images=PER_GRID + 3)
     df = collect_results(root)
@@ -332,7 +333,7 @@ def test_html_renders_and_sorts_in_headless_chromium(tmp_path):
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    from ddim_lab.report import collect_results
+    from ddim_lab.report.main import collect_results
 
     root = _sweep_with_grids(tmp_path, inverters=("ddim", "null_text", "direct"))
     write_outputs(collect_results(root), root, tmp_path, FAST, page=True, images=["img1"])
@@ -456,7 +457,7 @@ def test_tables_written_before_cached_costs_show_them_as_unrecorded():
 
 
 def test_paired_tests_refuse_costs_and_references():
-    from ddim_lab.stats import paired_comparisons
+    from ddim_lab.report.stats import paired_comparisons
 
     df = _frame([_row(f"img{i}", inverter=inv) for inv in ("ddim", "edict") for i in range(3)])
     for column in ("unet_evals", "seconds", "vae_psnr"):
@@ -467,7 +468,7 @@ def test_paired_tests_refuse_costs_and_references():
 def test_the_protocol_warning_names_real_differences_or_stays_silent(tmp_path):
     """`rows come from 2 protocols ((none), (none))`: a missing protocol written as None by one task and
     absent from another's table is one value."""
-    from ddim_lab.report import collect_results
+    from ddim_lab.report.main import collect_results
 
     write_results([_row(f"img{i}", protocol=None) for i in range(2)], tmp_path / "a")
     write_results([_row(f"img{i}", task="controlnet", inverter=None) for i in range(2)], tmp_path / "b")
@@ -538,7 +539,7 @@ def test_budget_rows_are_grouped_by_budget_and_paired_across_each_methods_steps(
 
 
 def test_figures_plot_budgets_name_steps_and_tell_coinciding_lines_apart(tmp_path):
-    from ddim_lab.report_figures import X_LABELS, coinciding, figure_x
+    from ddim_lab.report.figures import X_LABELS, coinciding, figure_x
 
     assert figure_x(["inverter", "num_steps", "budget_nfe"], ["num_steps"]) == "budget_nfe"
     assert figure_x(["inverter", "num_steps"], ["num_steps"]) is None  # one budget: N is each method's
@@ -561,8 +562,8 @@ def test_figures_plot_budgets_name_steps_and_tell_coinciding_lines_apart(tmp_pat
 
 
 def test_legends_and_captions_name_knobs_without_cutting_them():
-    from ddim_lab.report_figures import _series_label, pareto_caption
-    from ddim_lab.report_tables import config_label
+    from ddim_lab.report.figures import _series_label, pareto_caption
+    from ddim_lab.report.tables import config_label
 
     knobs = '{"blend_threshold": 0.3, "blend_words": null, "cross_replace": 0.8, "self_replace": 0.4}'
     assert config_label(["editor", "editor_knobs", "guidance_scale"], ("p2p", knobs, 7.5)) == (

@@ -1,5 +1,5 @@
 """Studies declare their outputs: a preset's ``report:`` section, read from a sweep's saved config, drawn by
-``ddim-lab-report DIR`` (ddim_lab/report_studies.py), checked in one line before any work."""
+``ddim-lab-report DIR`` (ddim_lab/report/studies.py), checked in one line before any work."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from ddim_lab.config import ConfigError, validate
-from ddim_lab.report import collect_results
-from ddim_lab.report_spec import ReportSpecError, check_columns
-from ddim_lab.report_studies import saved_report, study_rows, typed_report
-from ddim_lab.report_study_tables import study_table
-from ddim_lab.report_tables import markdown
-from ddim_lab.stats import Bootstrap
-from ddim_lab.sweep import config_hash
+from ddim_lab.config.core import validate
+from ddim_lab.config.report_spec import ReportSpecError, check_columns
+from ddim_lab.errors import ConfigError
+from ddim_lab.report.main import collect_results
+from ddim_lab.report.stats import Bootstrap
+from ddim_lab.report.studies import saved_report, study_rows, typed_report
+from ddim_lab.report.study_tables import study_table
+from ddim_lab.report.tables import markdown
+from ddim_lab.study.sweep import config_hash
 from tests.conftest import lab_config
 from tests.studies import draw, preset_report, save_job
 

@@ -24,13 +24,14 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ddim_lab.config import ConfigError, validate
-from ddim_lab.flow import flow_plan, flow_scale, flow_sigmas
-from ddim_lab.inversion import make_inverter
-from ddim_lab.inversion.base import InvertContext, SampleRows
-from ddim_lab.inversion.flow_solver import flow_levels
-from ddim_lab.inversion.rf_inversion import reference_levels
-from ddim_lab.schedule import Plan
+from ddim_lab.config.core import validate
+from ddim_lab.engine.flow import flow_plan, flow_scale, flow_sigmas
+from ddim_lab.engine.schedule import Plan
+from ddim_lab.errors import ConfigError
+from ddim_lab.methods.inversion import make_inverter
+from ddim_lab.methods.inversion.base import InvertContext, SampleRows
+from ddim_lab.methods.inversion.flow_solver import flow_levels
+from ddim_lab.methods.inversion.rf_inversion import reference_levels
 from tests.conftest import lab_config
 from tests.denoisers import ToyDenoiser, ToyFlowDenoiser, toy_cond
 from tests.references import flow as ref

@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ddim_lab import schema, tasks
-from ddim_lab.data import load_dataset
-from ddim_lab.experiment import Runner
-from ddim_lab.loggers import LocalLogger
-from ddim_lab.records import write_results
+from ddim_lab import schema
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.study import tasks
+from ddim_lab.study.loggers import LocalLogger
+from ddim_lab.study.records import write_results
+from ddim_lab.study.runner import Runner
 from tests.conftest import DIGITS, lab_config
 
 CORE = [c.name for c in schema.SCHEMA if c.core]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ddim_lab.config import CONF_DIR
-from ddim_lab.control import control_settings
-from ddim_lab.data import load_dataset
-from ddim_lab.experiment import Runner
+from ddim_lab.config.core import CONF_DIR
+from ddim_lab.data.folders import load_dataset
+from ddim_lab.methods.control import control_settings
+from ddim_lab.study.runner import Runner
 from tests.conftest import DIGITS, lab_config, model_spec
 
 FLOW = ("flow_euler", "rf_solver", "fireflow", "uni_inv", "rf_inversion")

@@ -1,4 +1,4 @@
-"""Data sets bring their own scorers (``data.scorers``, ddim_lab/scoring.py): a scorer from outside the lab adds
+"""Data sets bring their own scorers (``data.scorers``, ddim_lab/data/scoring.py): a scorer from outside the lab adds
 its column to the rows through a data YAML alone; a wrong scorer is one line before any model loads."""
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ddim_lab import cli, digits
-from ddim_lab.config import ConfigError, config_dir, group_options, validate
-from ddim_lab.experiment import Runner, load_items
+from ddim_lab.cli import main as cli
+from ddim_lab.config.core import config_dir, group_options, validate
+from ddim_lab.data import digits
+from ddim_lab.data.scoring import SCORERS, ScoreBatch, Scorer, scorer_class
+from ddim_lab.errors import ConfigError
 from ddim_lab.models import loading
-from ddim_lab.scoring import SCORERS, ScoreBatch, Scorer, scorer_class
-from ddim_lab.tasks import generation_scores
+from ddim_lab.study.runner import Runner, load_items
+from ddim_lab.study.tasks import generation_scores
 from tests.conftest import lab_config
 
 
@@ -96,7 +98,7 @@ def test_generation_rows_take_the_data_sets_scorers():
             "scorer 'no_such_module:Scorer': cannot import 'no_such_module'",
         ),
         ("[tests.test_scoring:Missing]", "'tests.test_scoring' has no 'Missing'"),
-        ("[tests.test_scoring:NotAScorer]", "is not a ddim_lab.scoring.Scorer with a name and columns"),
+        ("[tests.test_scoring:NotAScorer]", "is not a ddim_lab.data.scoring.Scorer with a name and columns"),
         (
             "[tests.test_scoring:Undeclared]",
             "undeclared columns ['brightness']: declare them in schema.py",
@@ -125,7 +127,7 @@ def test_every_shipped_data_config_names_registered_scorers():
 
 
 def test_a_scorer_writing_a_column_it_does_not_name_is_refused():
-    from ddim_lab.scoring import ScoringContext, score_rows
+    from ddim_lab.data.scoring import ScoringContext, score_rows
 
     class Stray(ToyScorer):
         def score(self, batch: ScoreBatch) -> dict[str, list[float]]:

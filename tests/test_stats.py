@@ -1,4 +1,4 @@
-"""Tests for ddim_lab.stats: bootstrap intervals (coverage, determinism) and paired comparisons."""
+"""Tests for ddim_lab.report.stats: bootstrap intervals (coverage, determinism) and paired comparisons."""
 
 import math
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ddim_lab.stats import (
+from ddim_lab.report.stats import (
     Bootstrap,
     bootstrap_means,
     frame_intervals,
@@ -154,7 +154,7 @@ def test_group_interval_does_not_depend_on_other_groups():
 
 
 def test_num_steps_is_no_stratum_when_every_row_has_a_budget():
-    from ddim_lab.stats import derived_keys, paired_strata
+    from ddim_lab.report.stats import derived_keys, paired_strata
 
     df = _paired_frame(1.0).assign(budget_nfe=20)
     df.loc[df.inverter == "null_text", "num_steps"] = 5  # each method's N at the same budget

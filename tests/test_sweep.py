@@ -7,8 +7,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from ddim_lab.records import write_part
-from ddim_lab.sweep import (
+from ddim_lab.study.records import write_part
+from ddim_lab.study.sweep import (
     DONE_JSON,
     ERROR_JSON,
     SWEEP_JSON,

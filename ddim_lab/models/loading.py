@@ -2,7 +2,7 @@
 
 Families: ``sd`` (``StableDiffusionPipeline``: a UNet, DDIM schedules), and the rectified-flow families
 ``sd3`` (``StableDiffusion3Pipeline``) and ``flux`` (``FluxPipeline``), which run through the same DDIM engine
-via ``ddim_lab.flow`` (``FlowModel``). The family comes from the model config's ``family`` key or from the
+via ``ddim_lab.engine.flow`` (``FlowModel``). The family comes from the model config's ``family`` key or from the
 ``_class_name`` in the directory's ``model_index.json``.
 
 Sources: ``hub`` (a model id, from the local Hugging Face cache or the network), ``local`` (a diffusers
@@ -27,11 +27,11 @@ import torch
 from diffusers import DDIMScheduler
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.denoiser import Conditioning, UNetDenoiser
-from ddim_lab.flow import flow_scheduler
-from ddim_lab.flow_denoiser import FlowDenoiser
+from ddim_lab.engine.denoiser import Conditioning, UNetDenoiser
+from ddim_lab.engine.flow import flow_scheduler
+from ddim_lab.engine.flow_denoiser import FlowDenoiser
+from ddim_lab.engine.schedule import ddim_scheduler
 from ddim_lab.models.build import built_model_dir
-from ddim_lab.schedule import ddim_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class LatentModel:
 
 class FlowModel(LatentModel):
     """A rectified-flow pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``) in the lab's interface: its
-    ``FlowMatchEulerDiscreteScheduler`` plans the steps (``ddim_lab.flow``), ``FlowDenoiser`` predicts.
+    ``FlowMatchEulerDiscreteScheduler`` plans the steps (``ddim_lab.engine.flow``), ``FlowDenoiser`` predicts.
 
     ``guidance``: ``cfg`` (classifier-free guidance on the velocity) or ``embedded`` (the guidance-distilled
     FLUX.1-dev: each row's guidance scale is a transformer input, one pass per row).
@@ -484,7 +484,7 @@ def config_scheduler(
     spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike = ".cache"
 ):
     """The scheduler a run plans with, from the model's scheduler config alone (no weights): a DDIMScheduler,
-    or for a flow model its FlowMatchEulerDiscreteScheduler (``ddim_lab.flow.flow_scheduler``), the image
+    or for a flow model its FlowMatchEulerDiscreteScheduler (``ddim_lab.engine.flow.flow_scheduler``), the image
     token count taken from ``model.resolution`` (a built model: from its recipe)."""
     spec = _plain_dict(spec)
     config = load_scheduler_config(spec, cache_dir)
@@ -648,7 +648,7 @@ def check_controlnet_fit(
     (2^(len(conditioning_embedding_out_channels) − 1)) against ``factor``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from ddim_lab.config import ConfigError
+    from ddim_lab.errors import ConfigError
 
     u = _with_defaults(UNet2DConditionModel, unet)
     c = _with_defaults(ControlNetModel, controlnet)

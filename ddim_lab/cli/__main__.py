@@ -1,0 +1,3 @@
+from ddim_lab.cli.main import main
+
+main()

@@ -1,0 +1,64 @@
+"""The editor contract: how the engine samples one batch of trajectories, some of them edits.
+
+The engine (``Runner.sample_grid``) builds one :class:`~ddim_lab.methods.inversion.base.SampleRows` for every
+trajectory of an image group and hands it, with each row's prompts, to the editor; the editor runs the
+inverter's sampler (as it is, or on rows and a denoiser of its own) and returns one final latent per row.
+An editor is a dataclass whose fields are its knobs (``conf/editor/NAME.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ddim_lab.engine.ddim import Denoiser
+from ddim_lab.engine.schedule import Plan
+from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows
+
+
+@dataclass
+class EditPrompts:
+    """The prompts of B trajectories (row-aligned with ``SampleRows``) and the tokenizer that split them."""
+
+    source: list[str]
+    target: list[str]  # the source prompt again for reconstructions
+    blended: list[tuple[str, str] | None]  # (source word, target word) where the data names them
+    tokenizer: Any = None
+
+
+class Editor:
+    """Base class; ``sample`` and ``trajectory_cost`` say what an edit runs and costs."""
+
+    name: ClassVar[str]
+
+    def check(self) -> None:
+        """Raise ValueError (one line) for knobs that cannot run; needs no model."""
+
+    def knobs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def row_fields(self) -> dict[str, str]:
+        """The result-row columns naming this editor, so the report never pools editors or their knobs."""
+        return {"editor": self.name, "editor_knobs": json.dumps(self.knobs(), sort_keys=True)}
+
+    def sample(
+        self,
+        inverter: Inverter,
+        denoiser: Denoiser,
+        plan: Plan,
+        rows: SampleRows,
+        prompts: EditPrompts,
+        eta: float = 0.0,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Final latents (B, C, H, W) of the B trajectories of ``rows``."""
+        raise NotImplementedError
+
+    def trajectory_cost(self, inverter: Inverter, plan: Plan, start: int, guidance: float, edit: bool) -> Cost:
+        """Network passes that sampling one trajectory costs with this editor."""
+        return inverter.sampling_cost(plan, start, guidance, edit)

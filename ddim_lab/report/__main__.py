@@ -1,0 +1,5 @@
+import sys
+
+from ddim_lab.report.main import main
+
+sys.exit(main())
