@@ -12,7 +12,7 @@ VERSIONS := $(BIN)/python -c "from importlib.metadata import version as v; \
 # scratch. Checked when make reads this file (a second or two), so `make -n` shows the rebuild and runs nothing.
 BROKEN := $(if $(wildcard $(STAMP)),$(shell $(CHECK) >/dev/null 2>&1 || echo yes))
 
-.PHONY: quickstart test lint kill-test venv broken-venv
+.PHONY: quickstart test lint imports kill-test venv broken-venv
 
 $(STAMP): pyproject.toml $(if $(BROKEN),broken-venv)
 	$(PY) -m venv $(if $(BROKEN),--clear) $(VENV)
@@ -33,8 +33,12 @@ quickstart: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q
 
-lint: venv
+lint: imports
 	$(BIN)/ruff check ddim_lab scripts tests && $(BIN)/ruff format --check ddim_lab scripts tests
+
+# the layers contract (pyproject.toml, [tool.importlinter]): a lower layer importing a higher one fails
+imports: venv
+	$(BIN)/lint-imports --no-cache
 
 kill-test: venv
 	$(BIN)/python scripts/kill_test.py --kills 20

@@ -354,14 +354,7 @@ RUN_CONFIG: dict[str, str] = {
 }
 _CASTS = {STR: str, FLOAT: float, INT: int, BOOL: bool}
 
-
-def _check_run_config() -> None:
-    wrong = [c for c in RUN_CONFIG if c not in BY_NAME or BY_NAME[c].role != CONFIG]
-    if wrong:
-        raise ValueError(f"RUN_CONFIG names columns that are not config columns of SCHEMA: {wrong}")
-
-
-_check_run_config()
+assert all(c in BY_NAME and BY_NAME[c].role == CONFIG for c in RUN_CONFIG), "RUN_CONFIG: non-config columns"
 
 
 def config_values(cfg: Any) -> dict[str, Any]:

@@ -3,9 +3,9 @@
     python scripts/benchmark_controlnet.py                                  # the shipped digits ControlNet
     python scripts/benchmark_controlnet.py --controlnet-path /tmp/cn --n-generate 20 --n-invert 10 --n-edit 10
 
-Held-out digits only (``ddim_lab.data.digits``: neither the model, the ControlNet nor the judge saw them). All work
-goes through the lab's own code: ``controlnet_task.generate`` (diffusers' ControlNet pipeline over the loaded
-model), the engine's ``Runner`` (any inverter, with the ControlNet residuals in inversion and sampling),
+Held-out digits only (``ddim_lab.data.digits``: neither the model, the ControlNet nor the judge saw them). All
+work goes through the lab's own code: ``controlnet_task.generate`` (diffusers' ControlNet pipeline over the
+loaded model), the engine's ``Runner`` (any inverter, with the ControlNet residuals in inversion and sampling),
 ``ddim_lab.methods.control`` (Canny 100/200) and ``ddim_lab.data.judge``.
 
 a. generation: the Canny map of a held-out digit + the prompt of the same digit, with the ControlNet
@@ -36,13 +36,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchmark_digits import held_out_items  # noqa: E402  (the sibling script: held-out digits as Items)
 
-from ddim_lab.config.core import compose_config  # noqa: E402
+from ddim_lab.config.compose import compose_config  # noqa: E402
 from ddim_lab.data import digits  # noqa: E402
 from ddim_lab.data.folders import Item  # noqa: E402
 from ddim_lab.data.judge import train_judge  # noqa: E402
 from ddim_lab.methods.control import make_control  # noqa: E402
 from ddim_lab.metrics.image import ssim  # noqa: E402
-from ddim_lab.models.loading import attach_controlnet, load_model  # noqa: E402
+from ddim_lab.models.controlnet import attach_controlnet  # noqa: E402
+from ddim_lab.models.loading import load_model  # noqa: E402
 from ddim_lab.study.controlnet_task import control_pipeline, generate, make_sampler  # noqa: E402
 from ddim_lab.study.records import save_grid  # noqa: E402
 from ddim_lab.study.runner import Runner  # noqa: E402

@@ -7,8 +7,8 @@ A logistic-regression classifier fitted on the model's own training split (``ddi
 digit in each image. Three measurements, all through the lab's engine:
 
 a. samples: prompt "digit {name}" (and two other phrasings), 50 steps, several guidance scales, one batched
-   call of the engine's sampler (``ddim_lab.engine.ddim.sample``, as ``task=sample`` runs it) with per-row prompts and
-   guidance; how often the classifier agrees with the prompted digit;
+   call of the engine's sampler (``ddim_lab.engine.ddim.sample``, as ``task=sample`` runs it) with per-row
+   prompts and guidance; how often the classifier agrees with the prompted digit;
 b. reconstruction: ``task=reconstruct`` (``Runner``, its config composed as the CLI composes it) of held-out
    digits, inverted at guidance 1 with their caption and sampled back at guidance 1 from step 0, for
    10/25/50/100 steps and ``inverter=ddim`` / ``course``; PSNR/SSIM against the input and against the VAE
@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ddim_lab.config.core import compose_config, validate  # noqa: E402
+from ddim_lab.config.compose import compose_config  # noqa: E402
+from ddim_lab.config.validate import validate  # noqa: E402
 from ddim_lab.data import digits  # noqa: E402
 from ddim_lab.data.digits import held_out_subset  # noqa: E402
 from ddim_lab.data.folders import Item, content_hash, pixels_to_tensor  # noqa: E402
@@ -48,7 +49,9 @@ from ddim_lab.data.judge import Judge, held_out_accuracies, train_judge  # noqa:
 from ddim_lab.engine.ddim import sample  # noqa: E402
 from ddim_lab.methods.inversion import make_plan  # noqa: E402
 from ddim_lab.metrics.image import psnr, ssim  # noqa: E402
-from ddim_lab.models.loading import SHIPPED, LatentModel, load_model, shipped_model_dir  # noqa: E402
+from ddim_lab.models.latent import LatentModel  # noqa: E402
+from ddim_lab.models.loading import load_model  # noqa: E402
+from ddim_lab.models.sources import SHIPPED, shipped_model_dir  # noqa: E402
 from ddim_lab.study.records import VAE_COLUMN, save_grid  # noqa: E402
 from ddim_lab.study.runner import Runner  # noqa: E402
 

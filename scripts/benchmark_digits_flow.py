@@ -3,8 +3,8 @@
     python scripts/benchmark_digits_flow.py                  # the shipped model, defaults below
     python scripts/benchmark_digits_flow.py --model-dir /tmp/f --held-out 10 --samples-per-digit 2   # quick
 
-The same judge and the same engine calls as ``scripts/benchmark_digits.py`` (``ddim_lab.data.judge``; the model's
-``FlowDenoiser`` behind the lab's sampler and ``Runner``):
+The same judge and the same engine calls as ``scripts/benchmark_digits.py`` (``ddim_lab.data.judge``; the
+model's ``FlowDenoiser`` behind the lab's sampler and ``Runner``):
 
 a. samples: "digit {name}" at several guidance scales and two other phrasings, ``--sample-steps`` Euler
    steps of the model's own schedule, one batched call of the engine's sampler; how often the judge agrees
@@ -46,7 +46,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from ddim_lab.data import digits  # noqa: E402
 from ddim_lab.data.judge import Judge, held_out_accuracies, train_judge  # noqa: E402
 from ddim_lab.metrics.image import psnr, ssim  # noqa: E402
-from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
+from ddim_lab.models.latent import LatentModel  # noqa: E402
+from ddim_lab.models.loading import load_model  # noqa: E402
 from ddim_lab.study.records import VAE_COLUMN, save_grid  # noqa: E402
 
 log = logging.getLogger("benchmark_digits_flow")

@@ -34,8 +34,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ddim_lab.config.core import compose_config, validate  # noqa: E402
-from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
+from ddim_lab.config.compose import compose_config  # noqa: E402
+from ddim_lab.config.validate import validate  # noqa: E402
+from ddim_lab.models.latent import LatentModel  # noqa: E402
+from ddim_lab.models.loading import load_model  # noqa: E402
 from ddim_lab.study.runner import Runner, load_items  # noqa: E402
 
 log = logging.getLogger("benchmark_editors")

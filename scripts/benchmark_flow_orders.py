@@ -45,7 +45,8 @@ from ddim_lab.engine.flow import TIME_SCALE, sigma_of_timestep, to_flow, velocit
 from ddim_lab.engine.flow_denoiser import FlowDenoiser  # noqa: E402
 from ddim_lab.methods.inversion import make_inverter  # noqa: E402
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows  # noqa: E402
-from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
+from ddim_lab.models.latent import LatentModel  # noqa: E402
+from ddim_lab.models.loading import load_model  # noqa: E402
 
 log = logging.getLogger("benchmark_flow_orders")
 

@@ -48,14 +48,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local or bui
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ddim_lab.config.core import compose_config, validate  # noqa: E402
+from ddim_lab.config.compose import compose_config  # noqa: E402
+from ddim_lab.config.validate import validate  # noqa: E402
 from ddim_lab.data.folders import Item, load_dataset  # noqa: E402
 from ddim_lab.engine.ddim import invert, sample  # noqa: E402
 from ddim_lab.engine.denoiser import Conditioning  # noqa: E402
 from ddim_lab.engine.schedule import Plan  # noqa: E402
 from ddim_lab.methods.inversion import make_plan  # noqa: E402
 from ddim_lab.methods.inversion.ddim import DDIMInversion  # noqa: E402
-from ddim_lab.models.loading import LatentModel, load_model  # noqa: E402
+from ddim_lab.models.latent import LatentModel  # noqa: E402
+from ddim_lab.models.loading import load_model  # noqa: E402
 from ddim_lab.study.runner import GridPoint, Runner, grid_points  # noqa: E402
 
 log = logging.getLogger("benchmark_grid")

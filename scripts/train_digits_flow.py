@@ -13,7 +13,7 @@ weights with ``save_pretrained`` plus ``train_stats.json``.
 
 Without T5 the pipeline pads the prompt with ``max_sequence_length`` (256) zero tokens. Those tokens are
 identical in every layer (same input, no positional embedding in the text stream), so training keeps one of
-them and adds log 256 to its attention logit (``CountedJointAttnProcessor``): the same function as the
+them and adds log 256 to its attention logit (``ddim_lab.engine.token_fold``): the same function as the
 pipeline's, at a fraction of the cost. ``check_collapsed_context`` verifies that on the trained weights.
 """
 
@@ -39,53 +39,15 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ddim_lab.data import digits
+from ddim_lab.engine.token_fold import FoldedJointAttnProcessor
 
 log = logging.getLogger("train_digits_flow")
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
-
-
-class CountedJointAttnProcessor:
-    """SD3 joint attention in which each text token stands for several identical ones: ``attention_mask``
-    holds log-multiplicities (S_text,) of the text tokens, added to their attention logits."""
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, n_image = hidden_states.shape[:2]
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q = heads(attn.to_q(hidden_states))
-        k = heads(attn.to_k(hidden_states))
-        v = heads(attn.to_v(hidden_states))
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        bias = F.pad(attention_mask.to(q.dtype), (n_image, 0)).view(1, 1, 1, -1)  # 0 for image tokens
-        out = F.scaled_dot_product_attention(
-            torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2), attn_mask=bias
-        )
-        out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1])
-        image, text = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        return attn.to_out[1](attn.to_out[0](image)), text
 
 
 def text_tower(base: Path, projection_dim: int, seed: int) -> CLIPTextModelWithProjection:
@@ -132,7 +94,7 @@ def build_pipeline(cfg: DictConfig, base: Path) -> StableDiffusion3Pipeline:
 
 def encode_collapsed(pipe: StableDiffusion3Pipeline, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pipeline's prompt encoding of token ids (P, L) with the T5 zero block collapsed to one token:
-    ``(context (P, L + 1, D), pooled (P, D_pooled))``; see ``CountedJointAttnProcessor``."""
+    ``(context (P, L + 1, D), pooled (P, D_pooled))``; see ``ddim_lab.engine.token_fold``."""
     hidden, pooled = [], []
     for tower in (pipe.text_encoder, pipe.text_encoder_2):
         out = tower(ids, output_hidden_states=True)
@@ -162,9 +124,10 @@ def check_collapsed_context(pipe: StableDiffusion3Pipeline, cfg: DictConfig, gen
         context, pooled_c = encode_collapsed(pipe, ids)
         ref = pipe.transformer(x, full, pooled, t).sample
         processors = pipe.transformer.attn_processors
-        pipe.transformer.set_attn_processor(CountedJointAttnProcessor())
-        bias = log_counts(cfg.text_length, cfg.t5_length)
-        out = pipe.transformer(x, context, pooled_c, t, joint_attention_kwargs={"attention_mask": bias}).sample
+        pipe.transformer.set_attn_processor(
+            FoldedJointAttnProcessor(log_counts(cfg.text_length, cfg.t5_length))
+        )
+        out = pipe.transformer(x, context, pooled_c, t).sample
         pipe.transformer.set_attn_processor(processors)
     return float((out - ref).abs().max())
 
@@ -218,12 +181,11 @@ def flow_loss(
     pipe: StableDiffusion3Pipeline,
     data: dict[str, torch.Tensor],
     ids: torch.Tensor,
-    bias: torch.Tensor,
     tc: DictConfig,
     gen: torch.Generator,
 ) -> torch.Tensor:
     """One batch of the rectified-flow loss: x_σ = (1−σ) x₀ + σ ε, MSE to v = ε − x₀; ``ids`` the prompt
-    table's tokens, ``bias`` the collapsed context's log-counts."""
+    table's tokens; the transformer runs the folded joint attention (``FoldedJointAttnProcessor``)."""
     idx = torch.randint(len(data["mean"]), (tc.batch_size,), generator=gen)
     x0 = data["mean"][idx]
     if tc.posterior_sample:
@@ -238,7 +200,6 @@ def flow_loss(
         context[prompt],
         pooled[prompt],
         sigma * pipe.scheduler.config.num_train_timesteps,
-        joint_attention_kwargs={"attention_mask": bias},
     ).sample
     return F.mse_loss(pred, noise - x0)
 
@@ -253,9 +214,8 @@ def train(
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMAModel(params, decay=tc.ema_decay)
     ids = pipe.tokenizer(digits.prompt_texts(), padding="max_length", truncation=True, return_tensors="pt")
-    bias = log_counts(cfg.text_length, cfg.t5_length)
     default_processors = pipe.transformer.attn_processors
-    pipe.transformer.set_attn_processor(CountedJointAttnProcessor())
+    pipe.transformer.set_attn_processor(FoldedJointAttnProcessor(log_counts(cfg.text_length, cfg.t5_length)))
     step, elapsed_before, history = 0, 0.0, []
     if cfg.resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -289,7 +249,7 @@ def train(
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(tc, step, progress)
-        loss = flow_loss(pipe, data, ids.input_ids, bias, tc, gen)
+        loss = flow_loss(pipe, data, ids.input_ids, tc, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

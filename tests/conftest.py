@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ddim_lab.config.core import CONF_DIR, register_resolvers  # noqa: E402
+from ddim_lab.config.compose import CONF_DIR, register_resolvers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = CONF_DIR
@@ -72,7 +72,7 @@ def lab_config(*overrides: str, model: str = "tiny", steps: int = 8, cache: Path
     """The lab's config composed as the CLI composes it, for tests: CPU, no LPIPS, no progress bars;
     ``cache=None`` disables the inversion cache, and built models then go to the session's cache folder
     (``cache_dir``, under pytest's tmp dir)."""
-    from ddim_lab.config.core import compose_config
+    from ddim_lab.config.compose import compose_config
 
     base = [
         f"model={model}",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ddim_lab.config.core import config_dir
+from ddim_lab.config.compose import config_dir
 from ddim_lab.study.records import write_results
 
 

@@ -16,7 +16,8 @@ from ddim_lab.config.budget import (
     is_flow_model,
     stand_in_plans,
 )
-from ddim_lab.config.core import compose_config, validate
+from ddim_lab.config.compose import compose_config
+from ddim_lab.config.validate import validate
 from ddim_lab.data.folders import load_dataset
 from ddim_lab.errors import ConfigError
 from ddim_lab.methods.editing import make_editor

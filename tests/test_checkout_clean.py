@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddim_lab.config.core import compose_config
+from ddim_lab.config.compose import compose_config
 from tests.conftest import ROOT, checkout_entries, lab_config, written_into
 
 

@@ -7,7 +7,9 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from ddim_lab.cli.main import precheck
-from ddim_lab.config.core import LabConfig, check_device, compose_config, config_dir, validate
+from ddim_lab.config.compose import compose_config, config_dir
+from ddim_lab.config.schema import LabConfig
+from ddim_lab.config.validate import check_device, validate
 from ddim_lab.errors import ConfigError
 from tests.conftest import CONF
 

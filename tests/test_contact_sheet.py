@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab.report.figures import grid_geometry
+from ddim_lab.report.saved_grids import grid_geometry
 from ddim_lab.study.loggers import LocalLogger
 from ddim_lab.study.records import save_grid, stack_grids
 from ddim_lab.study.runner import reconstruct_or_edit

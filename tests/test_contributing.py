@@ -4,7 +4,7 @@ Each walkthrough's code blocks start with a path comment (after Hydra's ``# @pac
 first). :class:`Checkout` applies them the way the walkthrough says, without touching the checkout:
 
 - ``# conf/GROUP/NAME.yaml``: written into a copy of the config folder, which the lab composes from
-  (``ddim_lab.config.core.config_dir``, as an installed wheel's ``ddim_lab/conf`` would be);
+  (``ddim_lab.config.compose.config_dir``, as an installed wheel's ``ddim_lab/conf`` would be);
 - ``# ddim_lab/PACKAGE/NAME.py``: written under the tmp dir, whose folder joins the package's ``__path__``, so
   ``ddim_lab.PACKAGE.NAME`` imports it;
 - ``# PATH.py: a new line in NAME``: the line evaluated in that module, its entries added to the dict or
@@ -35,8 +35,8 @@ from PIL import Image
 
 from ddim_lab import schema
 from ddim_lab.cli import main as cli
-from ddim_lab.config import core as lab_config_module
-from ddim_lab.config.core import validate
+from ddim_lab.config import compose as lab_config_module
+from ddim_lab.config.validate import validate
 from ddim_lab.data.folders import load_dataset
 from ddim_lab.errors import ConfigError
 from ddim_lab.report.main import collect_results
@@ -82,7 +82,7 @@ def blocks(text: str) -> list[Block]:
 
 
 def module_name(path: str) -> str:
-    """``ddim_lab/methods/inversion/__init__.py`` → ``ddim_lab.methods.inversion``; ``tests/x.py`` → ``tests.x``."""
+    """A file's module: ``ddim_lab/methods/inversion/__init__.py`` → ``ddim_lab.methods.inversion``."""
     parts = Path(path).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 

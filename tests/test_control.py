@@ -21,12 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ddim_lab.cli.main import run
-from ddim_lab.config.core import compose_config, validate
+from ddim_lab.config.compose import compose_config
+from ddim_lab.config.validate import validate
 from ddim_lab.data.folders import Item, load_dataset
 from ddim_lab.engine.denoiser import UNetDenoiser
 from ddim_lab.errors import ConfigError
 from ddim_lab.methods.control import ControlUnavailable, make_control
-from ddim_lab.models.loading import ModelUnavailable, attach_controlnet, load_model, model_dir
+from ddim_lab.models.controlnet import attach_controlnet
+from ddim_lab.models.errors import ModelUnavailable
+from ddim_lab.models.loading import load_model
+from ddim_lab.models.sources import model_dir
 from ddim_lab.study.runner import Runner
 from tests.conftest import lab_config
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 
-from ddim_lab.config.core import compose_config
+from ddim_lab.config.compose import compose_config
 from ddim_lab.data import digits
 from ddim_lab.data.folders import load_dataset
 from ddim_lab.data.judge import prompt_digit, train_judge
@@ -19,7 +19,8 @@ from ddim_lab.engine.denoiser import Conditioning, UNetDenoiser
 from ddim_lab.methods.control import make_control
 from ddim_lab.methods.inversion import make_plan
 from ddim_lab.metrics.image import ssim
-from ddim_lab.models.loading import attach_controlnet, load_model
+from ddim_lab.models.controlnet import attach_controlnet
+from ddim_lab.models.loading import load_model
 from ddim_lab.study.controlnet_task import controlnet_task
 from ddim_lab.study.loggers import LocalLogger
 from ddim_lab.study.tasks import generation_scores, text_to_image

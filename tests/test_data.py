@@ -1,4 +1,5 @@
-"""Tests for ddim_lab.data.folders: the preprocessing policy, captions, error handling and the bundled assets."""
+"""Tests for ddim_lab.data.folders: the preprocessing policy, captions, error handling and the bundled
+assets."""
 
 from __future__ import annotations
 

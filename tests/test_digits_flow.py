@@ -23,7 +23,8 @@ from ddim_lab.data import digits
 from ddim_lab.data.judge import train_judge
 from ddim_lab.engine.ddim import invert, sample
 from ddim_lab.methods.inversion import make_plan
-from ddim_lab.models.loading import load_model, shipped_model_dir
+from ddim_lab.models.loading import load_model
+from ddim_lab.models.sources import shipped_model_dir
 from tests.conftest import ROOT
 from tests.test_cli import as_main, run_here
 

@@ -21,7 +21,8 @@ from ddim_lab.data.judge import held_out_accuracies, to_scan, train_judge
 from ddim_lab.engine.ddim import invert, sample
 from ddim_lab.engine.denoiser import Conditioning
 from ddim_lab.methods.inversion import make_plan
-from ddim_lab.models.loading import load_model, shipped_model_dir
+from ddim_lab.models.loading import load_model
+from ddim_lab.models.sources import shipped_model_dir
 
 HELD_OUT_DIR = Path(str(resources.files("ddim_lab") / "assets" / "digits-heldout"))
 SD_DEFAULT_SCALING = 0.18215

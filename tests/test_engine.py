@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from ddim_lab.data.folders import Item, load_dataset
-from ddim_lab.models.loading import fingerprint, load_model
+from ddim_lab.models.identity import fingerprint
+from ddim_lab.models.loading import load_model
 from ddim_lab.study.cache import InversionCache
 from ddim_lab.study.loggers import LocalLogger
 from ddim_lab.study.runner import Runner, reconstruct_or_edit

@@ -9,7 +9,7 @@ import pytest
 
 from ddim_lab.cli import main as cli
 from ddim_lab.errors import ConfigError
-from ddim_lab.models import build, loading
+from ddim_lab.models import build, controlnet, loading
 from tests.conftest import lab_config
 
 
@@ -25,7 +25,7 @@ def no_weights(monkeypatch):
         raise WeightsRead("weights were read before the check")
 
     monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(loading, "load_controlnet", refuse)
+    monkeypatch.setattr(controlnet, "load_controlnet", refuse)
     monkeypatch.setattr(build, "build_pipeline", refuse)
     monkeypatch.setattr(build, "build_controlnet", refuse)
 
@@ -92,5 +92,5 @@ def test_a_loaded_controlnet_of_another_unet_is_refused(tiny, tmp_path):
     """Hub ControlNets are checked against the loaded UNet (their config may not be on disk before)."""
     cfg = lab_config("control=canny", "controlnet=digits-canny", model="tiny")
     with pytest.raises(ConfigError, match="does not fit model=tiny"):
-        loading.attach_controlnet(tiny, cfg.controlnet, tmp_path)
+        controlnet.attach_controlnet(tiny, cfg.controlnet, tmp_path)
     assert tiny.controlnet is None

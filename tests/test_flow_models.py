@@ -19,7 +19,9 @@ from ddim_lab.engine.ddim import sample
 from ddim_lab.engine.flow import flow_scheduler, flow_sigmas, resolution_shift
 from ddim_lab.engine.flow_denoiser import pack_latents, unpack_latents
 from ddim_lab.methods.inversion import make_plan
-from ddim_lab.models.loading import FlowModel, ModelUnavailable, load_model
+from ddim_lab.models.errors import ModelUnavailable
+from ddim_lab.models.latent import FlowModel
+from ddim_lab.models.loading import load_model
 from ddim_lab.study.runner import Runner
 from tests.conftest import DIGITS, lab_config, model_spec
 from tests.test_cli import ddim_lab_here

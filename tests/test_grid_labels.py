@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab.report.figures import grid_geometry, image_bands
+from ddim_lab.report.saved_grids import grid_geometry, image_bands
 from ddim_lab.study import runner as experiment
 from ddim_lab.study.loggers import LocalLogger
 from ddim_lab.study.records import VAE_COLUMN, psnr_caption, save_grid, tile_captions

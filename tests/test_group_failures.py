@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ddim_lab.config.core import compose_config
+from ddim_lab.config.compose import compose_config
 from ddim_lab.study.loggers import LocalLogger
 from ddim_lab.study.runner import GroupsFailed, NonFiniteResult, Runner, reconstruct_or_edit
 

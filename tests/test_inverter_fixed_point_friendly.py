@@ -17,7 +17,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from ddim_lab.config.core import compose_config, validate
+from ddim_lab.config.compose import compose_config
+from ddim_lab.config.validate import validate
 from ddim_lab.data.folders import Item, load_dataset
 from ddim_lab.engine.ddim import Prediction
 from ddim_lab.engine.schedule import exact_plan

@@ -362,7 +362,7 @@ def test_check_rejects_settings_it_cannot_run(knobs):
 def test_config_builds_the_default_inverter():
     from omegaconf import OmegaConf
 
-    from ddim_lab.config.core import CONF_DIR
+    from ddim_lab.config.compose import CONF_DIR
 
     spec = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "inverter" / "null_text.yaml"))
     assert make_inverter(spec) == NullTextInversion()

@@ -1,4 +1,5 @@
-"""Tests for ddim_lab.study.loggers: the local no-op logger and the W&B backend (offline / disabled, no network)."""
+"""Tests for ddim_lab.study.loggers: the local no-op logger and the W&B backend (offline / disabled, no
+network)."""
 
 import math
 import time

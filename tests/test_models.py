@@ -13,8 +13,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddim_lab.models import build, loading
-from ddim_lab.models.loading import BrokenInstall, ModelUnavailable, load_model, model_dir
+from ddim_lab.models import build, families
+from ddim_lab.models.errors import BrokenInstall, ModelUnavailable
+from ddim_lab.models.loading import load_model
+from ddim_lab.models.sources import model_dir
 from tests.conftest import ROOT, model_spec
 
 
@@ -171,7 +173,7 @@ def test_a_failing_pipeline_import_is_one_line_naming_the_torch_pair(monkeypatch
                 " up to see its traceback):\nCould not import module 'CLIPImageProcessor'."
             ) from wrapped
 
-    monkeypatch.setattr(loading, "import_module", broken)
+    monkeypatch.setattr(families, "import_module", broken)
     with pytest.raises(BrokenInstall) as err:
         load_model(model_spec("digits"), {"device": "cpu"}, cache_dir)
     text = str(err.value)

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ddim_lab.config.budget import budget_steps, explicit_num_steps
-from ddim_lab.config.core import config_dir
+from ddim_lab.config.compose import config_dir
 from ddim_lab.config.report_spec import ReportSpecError
 from ddim_lab.methods.inversion import INVERTERS
 from ddim_lab.report.main import collect_results

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ddim_lab.config.core import validate
+from ddim_lab.config.validate import validate
 from ddim_lab.errors import ConfigError
 from ddim_lab.methods.editing import EditPrompts, make_editor
 from ddim_lab.methods.editing.align import align, refine_map, replace_map, token_ids, word_tokens

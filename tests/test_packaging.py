@@ -70,7 +70,7 @@ def test_installed_commands_run_from_another_directory(installed, tmp_path):
         [
             sys.executable,
             "-c",
-            "import ddim_lab, ddim_lab.config.core as c; print(ddim_lab.__file__, c.config_dir())",
+            "import ddim_lab, ddim_lab.config.compose as c; print(ddim_lab.__file__, c.config_dir())",
         ],
         env={**os.environ, "PYTHONPATH": str(installed)},
         cwd=tmp_path,

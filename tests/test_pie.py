@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_lab.config.core import register_resolvers
+from ddim_lab.config.compose import register_resolvers
 from ddim_lab.data import digits
 from ddim_lab.data.digits_pie import build, edit_success, target_digit
 from ddim_lab.data.folders import DataError, load_dataset

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ddim_lab.config.core import compose_config, validate
+from ddim_lab.config.compose import compose_config
+from ddim_lab.config.validate import validate
 from ddim_lab.errors import ConfigError
 from ddim_lab.study.runner import Runner, load_items
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from ddim_lab.config.core import config_dir, validate
+from ddim_lab.config.compose import config_dir
+from ddim_lab.config.validate import validate
 from ddim_lab.methods.inversion import INVERTERS
 from ddim_lab.study.records import write_results
 from ddim_lab.study.runner import Runner, load_items

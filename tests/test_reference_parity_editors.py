@@ -18,7 +18,7 @@ from ddim_lab.engine.denoiser import Conditioning
 from ddim_lab.methods.editing import EditPrompts, make_editor
 from ddim_lab.methods.inversion import make_inverter
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows
-from ddim_lab.models.loading import LatentModel
+from ddim_lab.models.latent import LatentModel
 from tests.conftest import DIGITS
 from tests.references import null_text_w_ptp as ptp
 

@@ -3,8 +3,8 @@
 The reference (``tests/references/p2p.py``, transcribed from google/prompt-to-prompt and PnPInversion's copy
 of its controllers) materialises every attention map, edits the cond half with AttentionRefine / Replace
 wrapped in AttentionReweight, and samples the pair [source, target] with diffusers' ``DDIMScheduler``; the lab
-edits the attention output of fused attention (``ddim_lab.methods.editing.attention``) inside its own sampler. Both
-start from the same latent (the lab's DDIM inversion of a held-out digit) at guidance 3 (so the uncond
+edits the attention output of fused attention (``ddim_lab.methods.editing.attention``) inside its own sampler.
+Both start from the same latent (the lab's DDIM inversion of a held-out digit) at guidance 3 (so the uncond
 branch, which neither edits, is in every call) and are compared at float32 tolerance:
 
 - refine + re-weighting (PIE-Bench's settings: cross 0.4, self 0.6, the target word ×2) and replace, no
@@ -12,8 +12,8 @@ branch, which neither edits, is in every call) and are compared at float32 toler
 - the cross-attention window is the reference's int(c · (N + 1)) steps (its alpha table has N + 1 rows), the
   self-attention window int(N · s): at N = 7, c = 0.4 that is 3 steps where ⌊c · N⌋ gives 2 (issue 19,
   item 5);
-- the local blend is a stated deviation (``ddim_lab.methods.editing.blend``): the lab blends from the first step and
-  keeps the union of the masks over steps; PnPInversion and null-text start after int(0.2 · N) steps and
+- the local blend is a stated deviation (``ddim_lab.methods.editing.blend``): the lab blends from the first step
+  and keeps the union of the masks over steps; PnPInversion and null-text start after int(0.2 · N) steps and
   re-threshold each step. With those two switches set the lab's way the transcription matches at float32;
   with the reference's own settings the difference is asserted at its measured size.
 

@@ -14,11 +14,13 @@ import pytest
 from PIL import Image
 
 from ddim_lab import schema
+from ddim_lab.report.analysis import analyze
 from ddim_lab.report.figures import metric_figures, pareto_figures, pareto_front
-from ddim_lab.report.grids import grid_geometry
 from ddim_lab.report.html import render_html, write_outputs
+from ddim_lab.report.saved_grids import grid_geometry
 from ddim_lab.report.stats import Bootstrap
-from ddim_lab.report.tables import analyze, intervals_markdown, latex, write_tables
+from ddim_lab.report.tables import intervals_markdown, write_tables
+from ddim_lab.report.text import latex
 from ddim_lab.study import records
 from ddim_lab.study.records import results_frame, write_results
 
@@ -563,7 +565,7 @@ def test_figures_plot_budgets_name_steps_and_tell_coinciding_lines_apart(tmp_pat
 
 def test_legends_and_captions_name_knobs_without_cutting_them():
     from ddim_lab.report.figures import _series_label, pareto_caption
-    from ddim_lab.report.tables import config_label
+    from ddim_lab.report.text import config_label
 
     knobs = '{"blend_threshold": 0.3, "blend_words": null, "cross_replace": 0.8, "self_replace": 0.4}'
     assert config_label(["editor", "editor_knobs", "guidance_scale"], ("p2p", knobs, 7.5)) == (

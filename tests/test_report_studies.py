@@ -9,14 +9,14 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from ddim_lab.config.core import validate
 from ddim_lab.config.report_spec import ReportSpecError, check_columns
+from ddim_lab.config.validate import validate
 from ddim_lab.errors import ConfigError
 from ddim_lab.report.main import collect_results
 from ddim_lab.report.stats import Bootstrap
 from ddim_lab.report.studies import saved_report, study_rows, typed_report
 from ddim_lab.report.study_tables import study_table
-from ddim_lab.report.tables import markdown
+from ddim_lab.report.text import markdown
 from ddim_lab.study.sweep import config_hash
 from tests.conftest import lab_config
 from tests.studies import draw, preset_report, save_job

@@ -24,7 +24,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ddim_lab.config.core import validate
+from ddim_lab.config.validate import validate
 from ddim_lab.engine.flow import flow_plan, flow_scale, flow_sigmas
 from ddim_lab.engine.schedule import Plan
 from ddim_lab.errors import ConfigError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ddim_lab.config.core import CONF_DIR
+from ddim_lab.config.compose import CONF_DIR
 from ddim_lab.data.folders import load_dataset
 from ddim_lab.methods.control import control_settings
 from ddim_lab.study.runner import Runner

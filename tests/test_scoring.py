@@ -1,5 +1,5 @@
-"""Data sets bring their own scorers (``data.scorers``, ddim_lab/data/scoring.py): a scorer from outside the lab adds
-its column to the rows through a data YAML alone; a wrong scorer is one line before any model loads."""
+"""Data sets bring their own scorers (``data.scorers``, ddim_lab/data/scoring.py): a scorer from outside the lab
+adds its column to the rows through a data YAML alone; a wrong scorer is one line before any model loads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ddim_lab.cli import main as cli
-from ddim_lab.config.core import config_dir, group_options, validate
+from ddim_lab.config.compose import config_dir, group_options
+from ddim_lab.config.validate import validate
 from ddim_lab.data import digits
 from ddim_lab.data.scoring import SCORERS, ScoreBatch, Scorer, scorer_class
 from ddim_lab.errors import ConfigError

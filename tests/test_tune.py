@@ -11,8 +11,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from ddim_lab.config.core import config_dir, validate
+from ddim_lab.config.compose import config_dir
 from ddim_lab.config.tune import TuneError, objective
+from ddim_lab.config.validate import validate
 from ddim_lab.errors import ConfigError
 from tests.conftest import ROOT, lab_config
 from tests.test_cli import ddim_lab

@@ -20,7 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.config.budget import apply_budget, check_budget_input
-from ddim_lab.config.core import check_editor_fits, config_dir, register_resolvers, validate
+from ddim_lab.config.compose import config_dir, register_resolvers
+from ddim_lab.config.validate import check_editor_fits, validate
 from ddim_lab.errors import ConfigError
 from ddim_lab.study.distributed import broadcast, process_info
 from ddim_lab.study.sweep import (
@@ -76,7 +77,8 @@ def prepare(
     diffusers.utils.logging.disable_progress_bar()  # loading bars; the lab's own loops have theirs
     transformers.utils.logging.disable_progress_bar()
 
-    from ddim_lab.models.loading import attach_controlnet, load_model
+    from ddim_lab.models.controlnet import attach_controlnet
+    from ddim_lab.models.loading import load_model
 
     if cfg.task in ("reconstruct", "edit") and cfg.metrics.lpips == "required":  # tasks that measure LPIPS
         from ddim_lab.metrics.image import LpipsUnavailable, lpips_backbone_path, lpips_missing_message
@@ -120,7 +122,7 @@ def work(job: Prepared, cfg: DictConfig, group: str | None = None, name: str | N
     """Run the task of a prepared job: config and provenance first, then the task's results and logs."""
     import torch
 
-    from ddim_lab.models.loading import resolve_device
+    from ddim_lab.models.runtime import resolve_device
     from ddim_lab.study.loggers import open_logger
     from ddim_lab.study.provenance import provenance
     from ddim_lab.study.tasks import alpha_plot, text_to_image
@@ -185,7 +187,7 @@ def _plain_config(cfg: DictConfig) -> dict | None:
 
 
 def tune_objective(cfg: DictConfig, run_dir: Path) -> float:
-    """The ``tune`` objective of the job in ``run_dir``, from the results table it wrote (ddim_lab/config/tune.py)."""
+    """The ``tune`` objective of the job in ``run_dir``, from the results table it wrote (config/tune.py)."""
     from ddim_lab.config.tune import TuneError, objective
     from ddim_lab.study.records import read_results
 

@@ -116,7 +116,7 @@ def _complete_pipeline(folder: Path | None, skip: tuple[str, ...] = ()) -> Path 
 
 def model_items(cfg: DictConfig) -> list[Item]:
     """What the model config needs."""
-    from ddim_lab.models.loading import SCHEDULER_CONFIG, shipped_model_dir
+    from ddim_lab.models.sources import SCHEDULER_CONFIG, shipped_model_dir
 
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     source = spec["source"]
@@ -169,7 +169,7 @@ def _existing(path: Path) -> Path | None:
 def _download_scheduler(model_id: str, revision: str | None) -> object:
     from huggingface_hub import snapshot_download
 
-    from ddim_lab.models.loading import SCHEDULER_CONFIG
+    from ddim_lab.models.sources import SCHEDULER_CONFIG
 
     return snapshot_download(model_id, revision=revision, allow_patterns=[SCHEDULER_CONFIG])
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for ddim-lab (model=sd15 ...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from ddim_lab.config.core import compose_config
+    from ddim_lab.config.compose import compose_config
 
     try:
         cfg = compose_config(args.overrides)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.config.core import FLOW_FAMILIES, as_list, config_family
+from ddim_lab.config.compose import FLOW_FAMILIES, as_list, config_family
 from ddim_lab.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and diffusers load when a cost is computed, not when the CLI checks its input
@@ -158,10 +158,11 @@ def chosen_steps(
 # -- before any model loads: the config alone -----------------------------------------------------------------
 def is_flow_model(model: DictConfig) -> bool:
     """Whether ``cfg.model`` is a flow model, without loading it: its config's family
-    (``ddim_lab.config.core.config_family``), else (``model=local``) its directory's ``model_index.json``."""
+    (``ddim_lab.config.compose.config_family``), else (``model=local``) its directory's ``model_index.json``."""
     family = config_family(model)
     if family is None:
-        from ddim_lab.models.loading import model_dir, model_family
+        from ddim_lab.models.families import model_family
+        from ddim_lab.models.sources import model_dir
 
         spec = OmegaConf.to_container(model, resolve=True)
         family = model_family(spec, model_dir(spec, ""))

@@ -1,4 +1,4 @@
-"""The vocabulary of a study's ``report:`` section (typed in ``ddim_lab.config.core.ReportSchema``) and its checks.
+"""The vocabulary of a study's ``report:`` section (typed in ``config.schema.ReportSchema``) and its checks.
 
 A preset declares its tables and figures; ``ddim-lab-report DIR`` draws them (``ddim_lab/report/studies.py``).
 Everything here runs on the plain section, before any row is read: each problem is one line naming its key.

@@ -84,8 +84,8 @@ class MalformedEntry(DataError):
 
 @dataclass(frozen=True)
 class PieItem(Item):
-    """A :class:`~ddim_lab.data.folders.Item` (``name`` = image id, ``prompt`` = source prompt without brackets) with
-    the edit annotation. It works wherever an ``Item`` does."""
+    """A :class:`~ddim_lab.data.folders.Item` (``name`` = image id, ``prompt`` = source prompt without
+    brackets) with the edit annotation. It works wherever an ``Item`` does."""
 
     target_prompt: str  # editing_prompt without brackets
     instruction: str

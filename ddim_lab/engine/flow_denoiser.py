@@ -18,15 +18,31 @@ Guidance: ``cfg`` (SD3, FLUX.1-schnell) is classifier-free guidance on v with th
 (a transformer with ``guidance_embeds``) feeds each row's ``cond.guidance`` into the guidance embedding —
 one pass per row, the null prompt unused, as ``FluxPipeline(guidance_scale=g)`` does. Pooled embeddings ride
 in ``cond.extra["pooled"]`` and ``cond.extra["null_pooled"]`` (row-aligned, so ``cond[rows]`` keeps them).
+
+Context folding (SD3, ``fold_context=True``, the default): before step 2, a trailing run of n ≥ 2 bitwise
+identical context tokens — SD3 without T5 pads every prompt with 256 zero tokens — is kept once and its
+attention logit raised by log n in every joint attention (``ddim_lab.engine.token_fold``, Eq. 1 there). The
+function is the unfolded model's, so outputs agree to float32 rounding; only the cost falls. Nothing folds
+where nothing repeats (SD3 with a real T5), where the context carries gradients (an inverter optimising the
+embeddings needs each copy's gradient), where a joint attention runs a processor other than diffusers'
+stock one (an editor's), and on FLUX.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from ddim_lab.engine.ddim import Prediction
 from ddim_lab.engine.denoiser import Conditioning, cfg_branches, guide_branches, stack_branches
 from ddim_lab.engine.flow import TIME_SCALE, sigma_of_timestep, to_flow, velocity_prediction
+from ddim_lab.engine.token_fold import (
+    FoldedJointAttnProcessor,
+    can_fold,
+    fold_trailing_tokens,
+    folded_attention,
+)
 
 FAMILIES = ("sd3", "flux")
 GUIDANCE_MODES = ("cfg", "embedded")
@@ -62,12 +78,19 @@ class FlowDenoiser:
 
     Counts ``unet_evals`` (transformer rows evaluated) and ``unet_backwards`` (rows back-propagated, counted
     by the inverters that optimise through it) like ``UNetDenoiser``, so the lab's accounting is unchanged.
-    The flow math stays in the latents' dtype; the transformer runs in its own.
+    The flow math stays in the latents' dtype; the transformer runs in its own. ``fold_context``: fold runs
+    of identical trailing context tokens (module docstring); False runs the transformer on the full context.
     """
 
     prediction_type = "flow"  # x̂₀ is given directly, so ᾱ = 0 (σ = 1) is a regular level
 
-    def __init__(self, transformer: torch.nn.Module, family: str = "sd3", guidance: str = "cfg") -> None:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        family: str = "sd3",
+        guidance: str = "cfg",
+        fold_context: bool = True,
+    ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"flow family {family!r} must be one of {', '.join(FAMILIES)}")
         if guidance not in GUIDANCE_MODES:
@@ -77,8 +100,11 @@ class FlowDenoiser:
                 "guidance=embedded needs a transformer with a guidance embedding (guidance_embeds)"
             )
         self.transformer = transformer
+        self.network_dtype = transformer.dtype  # read once: diffusers' ``.dtype`` walks every module
         self.family = family
         self.guidance = guidance
+        self.fold_context = fold_context
+        self._fold_processors: dict[tuple[float, ...], FoldedJointAttnProcessor] = {}
         self.unet_evals = 0
         self.unet_backwards = 0
 
@@ -92,15 +118,17 @@ class FlowDenoiser:
     ) -> torch.Tensor:
         """The velocity (n, C, H, W) at flow latents x_σ (n, C, H, W), plan timesteps t (n,), prompt
         embeddings (n, L, D) and pooled embeddings (n, P)."""
-        dtype = self.transformer.dtype
+        dtype = self.network_dtype
         if self.family == "sd3":
-            out = self.transformer(
-                hidden_states=x_sigma.to(dtype),
-                timestep=t.float(),  # σ · 1000, as the SD3 pipeline passes its float32 scheduler timesteps
-                encoder_hidden_states=text.to(dtype),
-                pooled_projections=pooled.to(dtype),
-                return_dict=False,
-            )[0]
+            context, fold = self._fold(text.to(dtype))  # (n, L − m + 1, D) and its processor, or (n, L, D)
+            with folded_attention(self.transformer, fold) if fold else contextlib.nullcontext():
+                out = self.transformer(
+                    hidden_states=x_sigma.to(dtype),
+                    timestep=t.float(),  # σ · 1000, as the SD3 pipeline passes its float32 scheduler timesteps
+                    encoder_hidden_states=context,
+                    pooled_projections=pooled.to(dtype),
+                    return_dict=False,
+                )[0]
         else:
             H, W = x_sigma.shape[-2:]
             out = self.transformer(
@@ -116,6 +144,21 @@ class FlowDenoiser:
             out = unpack_latents(out, H, W)
         self.unet_evals += len(x_sigma)
         return out.to(x_sigma.dtype)
+
+    def _fold(self, text: torch.Tensor) -> tuple[torch.Tensor, FoldedJointAttnProcessor | None]:
+        """The SD3 context (n, L, D) with its trailing run of m identical tokens kept once, and the attention
+        processor that weighs the kept copy by m; ``(text, None)`` where the full context must run (module
+        docstring)."""
+        if not self.fold_context or (torch.is_grad_enabled() and text.requires_grad):
+            return text, None
+        folded = fold_trailing_tokens(text) if can_fold(self.transformer) else None
+        if folded is None:
+            return text, None
+        context, log_counts = folded
+        key = tuple(log_counts.tolist())  # one processor per context layout, reused across calls
+        if key not in self._fold_processors:
+            self._fold_processors[key] = FoldedJointAttnProcessor(log_counts)
+        return context, self._fold_processors[key]
 
     def velocity(self, x_sigma: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The guided velocity v̂ (B, C, H, W) at flow latents x_σ (B, C, H, W) and plan timesteps t (B,)."""

@@ -7,8 +7,8 @@ to ``inv_alpha_to``, calling the denoiser at ``inv_timesteps[j]``. ``start_index
 the inversion trajectory ``[x_0, z_1, …, z_M]`` sampling uses when it starts at step k (-1: none).
 
 ``exact_plan`` retraces sampling's own (t, t_prev) pairs in reverse; the course notebook's schedule
-(``ddim_lab.methods.inversion.course``) is the one other plan. One scheduler feeds both the plan and the denoiser
-(its ᾱ and prediction type), so the two can never disagree.
+(``ddim_lab.methods.inversion.course``) is the one other plan. One scheduler feeds both the plan and the
+denoiser (its ᾱ and prediction type), so the two can never disagree.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ All images are ``(B, 3, R, R)`` in [0, 1]; masks are ``(B, 1, R, R)`` in {0, 1} 
   than a metric restricted to the region would be. This is what published PIE-Bench tables measure. PSNR is
   per image with ``data_range=1`` (identical regions give ``inf``); MSE is the mean over all pixels of the
   frame; SSIM is :func:`ddim_lab.metrics.image.ssim` (11×11 Gaussian, sigma 1.5, valid window: the torchmetrics
-  definition of the reference's time); LPIPS is :class:`ddim_lab.metrics.image.ImageMetrics` with the reference's
-  ``squeeze`` backbone (``normalize=True`` on [0, 1] equals the reference's ``x*2-1`` input).
+  definition of the reference's time); LPIPS is :class:`ddim_lab.metrics.image.ImageMetrics` with the
+  reference's ``squeeze`` backbone (``normalize=True`` on [0, 1] equals the reference's ``x*2-1`` input).
 - **CLIP similarity** of the edited image to the target prompt, whole and on the edit region (image multiplied
   by the mask, as uint8, like the reference), with torchmetrics' ``CLIPScore`` (``100 · max(cos, 0)``) and
   ``openai/clip-vit-large-patch14``.

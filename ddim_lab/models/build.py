@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+from ddim_lab.models.families import pipeline_class
 from ddim_lab.models.tokenizer import MAX_LENGTH, build_t5_tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,13 @@ FLOW_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
 # What decides a built model besides its recipe (part of the folder's hash): the code that builds it and the
 # packages whose classes, initialisations and random streams it uses.
-BUILD_MODULES = ("ddim_lab.models.build", "ddim_lab.models.tokenizer")
+BUILD_MODULES = ("ddim_lab.models.build", "ddim_lab.models.families", "ddim_lab.models.tokenizer")
 BUILD_PACKAGES = ("torch", "diffusers", "transformers")
 
 
 def build_pipeline(arch: Mapping[str, Any], words: Iterable[str], seed: int = 0):
     """A random-weight pipeline of ``arch.family`` (``sd``, ``sd3``, ``flux``); ``words`` become single tokens
     of the offline tokenizers. Only that family's classes are imported."""
-    from ddim_lab.models.loading import pipeline_class  # loading imports this module
-
     builders = {"sd": _build_sd, "sd3": _build_sd3, "flux": _build_flux}
     family = arch.get("family", "sd")
     if family not in builders:

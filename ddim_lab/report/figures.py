@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddim_lab.report.grids import grid_geometry, image_bands  # noqa: F401 (tests/test_grid_labels.py imports them here)
+from ddim_lab.report.analysis import Analysis
 from ddim_lab.report.stats import derived_keys
-from ddim_lab.report.tables import MARK, Analysis, config_label, short_value
+from ddim_lab.report.text import MARK, config_label, short_value
 from ddim_lab.schema import BY_NAME, label
 
 logger = logging.getLogger(__name__)

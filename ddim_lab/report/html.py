@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ddim_lab.report.analysis import Analysis, analyze
 from ddim_lab.report.grids import QualGrid, qualitative_grids
 from ddim_lab.report.tables import (
     COSTS_CAPTION,
-    Analysis,
     costs_display,
     intervals_display,
-    key_text,
+    intervals_markdown,
     paired_display,
+    write_tables,
 )
+from ddim_lab.report.text import key_text
 from ddim_lab.schema import IMAGE, label
 
 REPORT_HTML = "report.html"
@@ -270,7 +272,6 @@ def write_outputs(
     Returns the analysis and the files written."""
     from ddim_lab.report.figures import metric_figures, pareto_figures
     from ddim_lab.report.stats import DEFAULT
-    from ddim_lab.report.tables import analyze, intervals_markdown, write_tables
     from ddim_lab.study.records import atomic_write
 
     analysis = analyze(df, settings or DEFAULT, compare=compare, baseline=baseline)

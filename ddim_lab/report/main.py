@@ -157,8 +157,8 @@ def make_figures(out_dir: Path, settings=None) -> list[Path]:
     """Figures from ``out_dir/report.parquet`` only: each metric against num_steps (or start_step) with
     bootstrap bands and the VAE ceiling (``fig_<metric>.png``), and Pareto plots when rows carry
     ``edit_success``."""
+    from ddim_lab.report.analysis import analyze
     from ddim_lab.report.figures import metric_figures, pareto_figures
-    from ddim_lab.report.tables import analyze
 
     out_dir = Path(out_dir)
     df = pd.read_parquet(out_dir / REPORT_PARQUET)

@@ -28,7 +28,7 @@ from ddim_lab.config.report_spec import (
     template_fields,
 )
 from ddim_lab.report.stats import Bootstrap
-from ddim_lab.report.tables import markdown
+from ddim_lab.report.text import markdown
 from ddim_lab.study.records import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,12 @@ HYDRA_CONFIGS = ("multirun.yaml", ".hydra/hydra.yaml")  # where Hydra records th
 
 # -- finding the section ------------------------------------------------------------------------------------
 def typed_report(section: dict, source: str) -> dict:
-    """``section`` typed by ``ddim_lab.config.core.ReportSchema`` (defaults filled) and checked; a plain dict."""
+    """``section`` typed by ``ddim_lab.config.schema.ReportSchema`` (defaults filled), checked; a plain
+    dict."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from ddim_lab.config.core import ReportSchema
+    from ddim_lab.config.schema import ReportSchema
 
     try:
         typed = OmegaConf.merge(OmegaConf.structured(ReportSchema), section)
@@ -73,7 +74,7 @@ def saved_report(root: Path) -> dict | None:
 
     Runs saved before the section existed (no ``report`` key) take the current section of the preset Hydra
     recorded for them. Raises ReportSpecError when runs disagree or the section cannot be drawn."""
-    from ddim_lab.config.core import config_dir
+    from ddim_lab.config.compose import config_dir
 
     root = Path(root)
     saved = sorted(p for p in root.rglob(SAVED_CONFIG) if ".hydra" not in p.relative_to(root).parts)

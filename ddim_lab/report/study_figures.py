@@ -7,7 +7,7 @@ One panel per ``y`` metric (rows of panels) and per value of ``panels`` (columns
    ``x`` when ``x`` is the key the line runs along, else the mean of column ``x`` (a cost such as ``nfe``);
 2. a line per ``lines`` combination through its points in x order, its interval as a band, one colour per
    line across panels, a line style per value of ``styles``;
-3. grey verticals at the values of ``marks``; the VAE ceiling (``report_figures.CEILINGS``) on PSNR.
+3. grey verticals at the values of ``marks``; the VAE ceiling (``figures.CEILINGS``) on PSNR.
 
 The PNG carries no software or time stamp, so its bytes depend only on the rows (and the plotting library).
 """
@@ -23,7 +23,7 @@ import pandas as pd
 from ddim_lab.config.report_spec import fill_template
 from ddim_lab.report.figures import CEILINGS, LINESTYLES
 from ddim_lab.report.stats import Bootstrap, group_intervals
-from ddim_lab.report.tables import short_value
+from ddim_lab.report.text import short_value
 from ddim_lab.schema import label
 from ddim_lab.study.records import atomic_write
 

@@ -1,11 +1,11 @@
 """The tables a study declares (``report.tables``), from the study's rows.
 
 - ``groups``: a row per ``group_by`` combination with each column's mean, bootstrap interval, count or
-  template (:func:`ddim_lab.report.stats.group_intervals`); with ``spread`` the columns repeat per value of that key
-  (a pivot: ``PSNR ≤{budget_nfe}`` per budget).
+  template (:func:`ddim_lab.report.stats.group_intervals`); with ``spread`` the columns repeat per value of
+  that key (a pivot: ``PSNR ≤{budget_nfe}`` per budget).
 - ``paired``: each value of ``compare`` against a baseline on the same images within ``group_by``
-  (:func:`ddim_lab.report.stats.paired_comparisons`): a row per comparison (``long``), or the levels side by side
-  with their differences (``wide``).
+  (:func:`ddim_lab.report.stats.paired_comparisons`): a row per comparison (``long``), or the levels side by
+  side with their differences (``wide``).
 
 Each returns (shown, numbers): the markdown cells and the numbers behind them (the CSV).
 """
@@ -26,7 +26,7 @@ from ddim_lab.config.report_spec import (
     template_fields,
 )
 from ddim_lab.report.stats import Bootstrap, group_intervals, paired_comparisons
-from ddim_lab.report.tables import fmt, interval_cell, key_text
+from ddim_lab.report.text import fmt, interval_cell, key_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def number(value, spec: str | None) -> str:
 
 def interval_text(mean, low, high, spec: str | None) -> str:
     """``mean [low, high]`` in ``spec`` (every bound written, equal or not); without ``spec`` as the report's
-    tables write it (:func:`ddim_lab.report.tables.interval_cell`)."""
+    tables write it (:func:`ddim_lab.report.text.interval_cell`)."""
     if spec is None:
         return interval_cell(mean, low, high)
     if is_missing(mean):

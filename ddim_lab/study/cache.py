@@ -1,14 +1,13 @@
 """Content-addressed cache of inversion artifacts (safetensors, atomic writes).
 
-An artifact is whatever an inverter's sampler needs (``ddim_lab.methods.inversion.base``): a dict of tensors for one
-image. The key hashes exactly what determines it — image content, every model option but its name
-(``experiment.model_identity``), revision (hub commit or a fingerprint of the weight files) and dtype, scheduler
-config, num_steps, the inverter's method and knobs,
-inversion guidance, source and negative prompt; the seed only for stochastic inverters and the sampling
-guidance only for inverters that optimise for it — plus ``CACHE_VERSION``, and nothing that only affects
-sampling. Entries are
-written to a temporary file and moved into place with ``os.replace``, so concurrent writers (jobs of one
-multirun) never leave a torn entry: the last rename wins and every rename installs a complete file.
+An artifact is whatever an inverter's sampler needs (``ddim_lab.methods.inversion.base``): a dict of tensors for
+one image. The key hashes exactly what determines it — image content, every model option but its name
+(``ddim_lab.study.artifacts.model_identity``), revision (hub commit or a fingerprint of the weight files) and
+dtype, scheduler config, num_steps, the inverter's method and knobs, inversion guidance, source and negative
+prompt; the seed only for stochastic inverters and the sampling guidance only for inverters that optimise for
+it — plus ``CACHE_VERSION``, and nothing that only affects sampling. Entries are written to a temporary file
+and moved into place with ``os.replace``, so concurrent writers (jobs of one multirun) never leave a torn
+entry: the last rename wins and every rename installs a complete file.
 """
 
 from __future__ import annotations

@@ -30,12 +30,12 @@ from diffusers import (
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab import schema
-from ddim_lab.config.core import as_list
+from ddim_lab.config.compose import as_list
 from ddim_lab.data.folders import Item, load_dataset
 from ddim_lab.errors import ConfigError
 from ddim_lab.methods.control import control_settings, make_control
 from ddim_lab.methods.control.base import ControlSignal, save_control_images
-from ddim_lab.models.loading import LatentModel
+from ddim_lab.models.latent import LatentModel
 from ddim_lab.study.records import save_grid, write_results
 from ddim_lab.study.tasks import generation_scores
 

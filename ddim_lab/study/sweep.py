@@ -145,7 +145,7 @@ def one_line(err: BaseException) -> str:
 def is_usage_error(err: BaseException) -> bool:
     """Config, model-availability and data errors (exit code 2), as opposed to failures while running."""
     from ddim_lab.data.folders import DataError
-    from ddim_lab.models.loading import ModelUnavailable
+    from ddim_lab.models.errors import ModelUnavailable
 
     # only an imported ddim_lab.metrics.image can have raised LpipsUnavailable; importing it here would pull in
     # torchvision, which is what a broken install (ModelUnavailable's BrokenInstall) fails on

@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from ddim_lab import schema
-from ddim_lab.config.core import as_list
+from ddim_lab.config.compose import as_list
 from ddim_lab.data.scoring import ScoreBatch, ScoringContext, make_scorers, score_rows
 from ddim_lab.engine.ddim import sample
 from ddim_lab.methods.inversion import make_plan
-from ddim_lab.models.loading import LatentModel
+from ddim_lab.models.latent import LatentModel
 from ddim_lab.study.records import save_grid, write_results
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ def generation_scores(
 ) -> dict[str, list[float]]:
     """Per-row scores of generated ``images`` (B, 3, R, R) in [0, 1], the columns a generation row has:
 
-    - the columns of the data set's scorers (``data.scorers``, ``ddim_lab.data.scoring``): on the digits data sets
-      ``judge_agreement`` (digits models, rows whose prompt names one digit): 1.0 when ``ddim_lab.data.judge`` reads
-      that digit, 0.0 when not, NaN for a prompt naming none;
+    - the columns of the data set's scorers (``data.scorers``, ``ddim_lab.data.scoring``): on the digits data
+      sets ``judge_agreement`` (digits models, rows whose prompt names one digit): 1.0 when
+      ``ddim_lab.data.judge`` reads that digit, 0.0 when not, NaN for a prompt naming none;
     - ``control_ssim`` (``controls`` (B, 3, R, R) and the ``signal`` that made them from the inputs): SSIM of
       each control image to the same signal of the result; edge-SSIM for Canny. Left out for ``control=image``,
       whose control does not come from an image.
@@ -135,7 +135,7 @@ def alpha_plot(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
 
     from ddim_lab.engine.flow import flow_alpha, is_flow_scheduler
     from ddim_lab.methods.inversion import make_inverter
-    from ddim_lab.models.loading import config_scheduler
+    from ddim_lab.models.configs import config_scheduler
 
     scheduler = config_scheduler(cfg.model, cfg.scheduler.overrides, cfg.cache.dir)
     plan = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True)).plan(scheduler, cfg.num_steps)

@@ -1,5 +1,5 @@
-"""Editors, one module each, behind one contract (``ddim_lab.methods.editing.base.Editor``): ``prompt_swap`` (sample
-with the target prompt) and ``p2p`` (prompt-to-prompt attention control).
+"""Editors, one module each, behind one contract (``ddim_lab.methods.editing.base.Editor``): ``prompt_swap``
+(sample with the target prompt) and ``p2p`` (prompt-to-prompt attention control).
 
 ``make_editor(cfg.editor)`` builds the editor a ``conf/editor/NAME.yaml`` names, with its knobs.
 """

@@ -8,12 +8,11 @@ Control"): the target is sampled beside its source, in the same UNet calls, and 
    tables; row-aligned, so they survive ``cond[rows]`` and chunking). Pairs come first and adjacent, and
    chunks are rounded down to an even size (at least 2), so a pair never leaves its chunk. Rows that are not
    edits (reconstructions in the grid) ride along unpaired.
-2. **Control.** Around each UNet call the denoiser sets the call's :class:`~ddim_lab.methods.editing.attention.
-   Layout` (the batch positions of each target and its source on the prompt branch, which of the pair's
-   steps this is); the attention processors (``unet.set_attn_processor``) then edit the targets' cross- and
-   self-attention (:mod:`ddim_lab.methods.editing.attention`): replace or refine (token alignment,
-   :mod:`ddim_lab.methods.editing.align`), re-weighting, during the first steps of the pair (the windows below).
-3. **Local blend** on the blended words (:mod:`ddim_lab.methods.editing.blend`), where the data names them
+2. **Control.** Around each UNet call the denoiser sets the call's ``attention.Layout`` (the batch positions
+   of each target and its source on the prompt branch, which of the pair's steps this is); the attention
+   processors (``unet.set_attn_processor``) then edit the targets' cross- and self-attention (``attention``):
+   replace or refine (token alignment, ``align``), re-weighting, during the pair's first steps (windows below).
+3. **Local blend** on the blended words (``blend``), where the data names them
    (PIE-Bench's ``blended_word``) or ``blend_words`` does.
 4. The target rows' results are returned in the rows' order; an edit costs its target and its source
    trajectory.

@@ -1,7 +1,7 @@
 """The loop the flow-solver inverters share (``rf_solver``, ``fireflow``, ``uni_inv``, ``rf_inversion``).
 
-The engine keeps variance-preserving latents z = x_σ / r(σ) (``ddim_lab.engine.flow``); a flow solver steps the flow
-latent x_σ of dx/dσ = v(x, σ) instead, with v = ε̂ − x̂₀ from any denoiser that predicts x̂₀:
+The engine keeps variance-preserving latents z = x_σ / r(σ) (``ddim_lab.engine.flow``); a flow solver steps the
+flow latent x_σ of dx/dσ = v(x, σ) instead, with v = ε̂ − x̂₀ from any denoiser that predicts x̂₀:
 
     1. z (engine latent at σ) → x_σ = to_flow(z, σ)
     2. one solver step x_σ → x_σ' (the method's; it may call v at any (x, s) in between)
