@@ -82,7 +82,7 @@ SCHEMA: tuple[Column, ...] = (
     Column("guidance_scale", CONFIG, FLOAT),
     Column("start_step", CONFIG, INT, "sampling start step k", "steps"),
     Column("eta", CONFIG, FLOAT),
-    Column("seed", CONFIG, INT),
+    Column("seed", CONFIG, INT, "the run's seed; under seed=[0,1,2] the row's replicate (pooled per image)"),
     Column("dtype", CONFIG, STR),
     Column("psnr", METRIC, FLOAT, "result vs input", "dB"),
     Column("ssim", METRIC, FLOAT, "result vs input", "[0, 1]"),
@@ -362,11 +362,13 @@ def config_values(cfg: Any) -> dict[str, Any]:
     value (``scheduler.overrides``) as sorted JSON, so runs that differ only there are never pooled."""
     import json
 
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
     out: dict[str, Any] = {}
     for column, key in RUN_CONFIG.items():
         value = OmegaConf.select(cfg, key)
+        if column == "seed" and isinstance(value, ListConfig | list):  # a seed list: each row names its own
+            value = value[0] if len(value) == 1 else None
         if OmegaConf.is_config(value):
             value = json.dumps(OmegaConf.to_container(value, resolve=True), sort_keys=True)
         out[column] = None if value is None else _CASTS[BY_NAME[column].dtype](value)

@@ -233,3 +233,18 @@ def test_the_cli_stops_a_budget_too_small_with_one_line_before_loading_the_model
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "budget.nfe=3 is below what inverter=rf_solver spends" in errors[0] and "meet is 4" in errors[0]
     assert "loading" not in proc.stderr
+
+
+TRAILING = {"timestep_spacing": "trailing", "steps_offset": 0}  # conf/scheduler/ddim-trailing.yaml
+
+
+def test_the_stand_in_plans_follow_the_configs_scheduler_overrides(digits):
+    """renoise's cost counts the plan's timesteps below 250, so the spacing matters: with the config's overrides
+    the stand-in costs what the model's own plan costs; on the default spacing it would not."""
+    inverter, editor = make_inverter("renoise"), make_editor(None)
+    rows = [RowPoint(7.5, 1.0, 0, False)]
+    real = digits.scheduler(**TRAILING)
+    followed, default = stand_in_plans(inverter, False, TRAILING), stand_in_plans(inverter, False)
+    own = {n: image_cost(inverter, editor, inverter.plan(real, n), rows) for n in (2, 3, 4, 7)}
+    assert own == {n: image_cost(inverter, editor, followed(n), rows) for n in own}
+    assert own != {n: image_cost(inverter, editor, default(n), rows) for n in own}

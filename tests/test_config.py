@@ -14,6 +14,7 @@ from ddim_lab.errors import ConfigError
 from tests.conftest import CONF
 
 GROUPS = ("model", "scheduler", "inverter", "data", "logger")
+PARTNERS = {"inverter=none": ["editor=sdedit"]}  # options that run only beside another option
 
 
 def _compose(overrides: list[str]):
@@ -28,7 +29,7 @@ def _options(group: str) -> list[str]:
     "override", [f"{g}={o}" for g in GROUPS for o in _options(g)] + ["+experiment=quickstart"]
 )
 def test_every_config_file_composes(override):
-    cfg = _compose([override])
+    cfg = _compose([override, *PARTNERS.get(override, [])])
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     group = override.split("=")[0].lstrip("+")
     if group in GROUPS:
@@ -64,6 +65,7 @@ def test_defaults_are_the_offline_digits_setup():
         (["metrics.lpips_net=resnet"], "metrics.lpips_net='resnet'"),
         (["eta=-1"], "eta=-1"),
         (["task=sample", "guidance_scale=[1,2]"], "one guidance_scale"),
+        (["seed=x"], "seed=['x'] must be an integer >= 0 or a list of them"),  # a seed or a list of them
     ],
 )
 def test_invalid_values_raise_one_clear_line(overrides, message):
@@ -99,7 +101,7 @@ def test_the_schema_types_every_key():
     assert isinstance(cfg.eta, float) and cfg.num_steps == 7
 
 
-@pytest.mark.parametrize("override", ["num_step=10", "eta=abc", "runtime.dtyp=fp16", "seed=x"])
+@pytest.mark.parametrize("override", ["num_step=10", "eta=abc", "runtime.dtyp=fp16"])
 def test_misspelled_keys_and_wrong_types_fail_while_composing(override):
     with pytest.raises(Exception) as err:  # Hydra's ConfigCompositionException
         _compose([override])

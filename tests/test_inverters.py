@@ -251,8 +251,9 @@ def test_every_registered_inverter_exists():
 
 # -- every method through the engine: accounting, batching, the cache ---------------------------------
 
-ALL = sorted(n for n in INVERTERS if not issubclass(inverter_class(n), FlowEulerInversion))  # UNet methods;
-# the flow solvers need a flow model's scheduler and are tested in tests/test_flow_inverters.py
+ALL = sorted(n for n in INVERTERS if not issubclass(inverter_class(n), FlowEulerInversion) and n != "none")
+# UNet methods; the flow solvers need a flow model's scheduler (tests/test_flow_inverters.py), and `none`
+# samples only through the editors that start from the clean latent (tests/test_sdedit.py)
 GRID = ["task=edit", "edit_prompt=[null,a handwritten digit eight]", "guidance_scale=[1,3]", "start_step=[0,3]"]
 # the trained digits model: on random weights (tiny), float32 round-off that differs with the batch size is
 # amplified by EDICT and BDIA (two chained predictions a step, a latent from two steps back) beyond 1e-4

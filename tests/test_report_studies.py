@@ -40,6 +40,7 @@ def _row(image: str, inverter: str, inv: float, g: float, edit: str | None, psnr
         "vae_psnr": 41.0,
         "unet_evals": 10 if g == 1 else 20,
         "inversion_unet_evals": 10 if inv == 1 else 20,
+        "nfe": (10 if inv == 1 else 20) + (10 if g == 1 else 20),  # by formula: inversion + trajectory
         "inversion_unet_backwards": None,
         "seconds": 1.0,
         **over,

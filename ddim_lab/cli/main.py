@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.config.budget import apply_budget, check_budget_input
-from ddim_lab.config.compose import config_dir, register_resolvers
+from ddim_lab.config.compose import as_list, config_dir, register_resolvers
 from ddim_lab.config.validate import check_editor_fits, validate
 from ddim_lab.errors import ConfigError
 from ddim_lab.study.distributed import broadcast, process_info
@@ -110,7 +110,7 @@ def prepare(
                 gpus,
             )
             cfg.runtime.device = device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(int(as_list(cfg.seed)[0]))  # a seed list: its first
     model = load_model(cfg.model, cfg.runtime, cfg.cache.dir)
     model = attach_controlnet(model, cfg.controlnet, cfg.cache.dir)  # ConfigError when it does not fit
     if cfg.task in ("reconstruct", "edit"):  # what the config could not tell: a model=local directory's family
@@ -136,7 +136,7 @@ def work(job: Prepared, cfg: DictConfig, group: str | None = None, name: str | N
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         device = str(resolve_device(cfg.runtime.device))
         write_json(run_dir / "provenance.json", provenance(device=device, dtype=cfg.runtime.dtype))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(int(as_list(cfg.seed)[0]))  # a seed list: its first
     if cfg.task == "alpha_plot":
         alpha_plot(cfg, run_dir)
     else:

@@ -177,11 +177,18 @@ def embedded_guidance(spec: Mapping[str, Any]) -> bool:
     return guidance == "embedded"
 
 
-def stand_in_plans(inverter: Inverter, flow: bool) -> Callable[[int], Plan]:
-    """N → the method's plan on a default scheduler of the model's kind: the right lengths, no weights."""
+def stand_in_plans(
+    inverter: Inverter, flow: bool, overrides: Mapping[str, Any] | None = None
+) -> Callable[[int], Plan]:
+    """N → the method's plan on a default scheduler of the model's kind with the config's scheduler
+    ``overrides`` (spacing decides which timesteps a plan holds; renoise's cost counts them): no weights."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler() if flow else DDIMScheduler(clip_sample=False)
+    kwargs = dict(overrides or {})  # as constructor arguments: from_config would reset defaulted keys
+    if flow:
+        scheduler = FlowMatchEulerDiscreteScheduler(**kwargs)
+    else:
+        scheduler = DDIMScheduler(**{"clip_sample": False, **kwargs})
 
     def plan_of(n: int) -> Plan:
         try:
@@ -228,7 +235,8 @@ def budget_steps(cfg: DictConfig) -> int:
         raise ConfigError(str(err).replace("\n", " ")) from err
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     seen = (lambda g: 1.0) if embedded_guidance(spec) else float
-    plan_of = stand_in_plans(inverter, is_flow_model(cfg.model))
+    overrides = OmegaConf.to_container(cfg.scheduler.overrides, resolve=True) if "scheduler" in cfg else {}
+    plan_of = stand_in_plans(inverter, is_flow_model(cfg.model), overrides)
     return chosen_steps(int(cfg.budget.nfe), inverter, editor, plan_of, grid_rows(cfg), float(cfg.eta), seen)
 
 

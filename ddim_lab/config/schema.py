@@ -194,7 +194,7 @@ class LabConfig:
     prompt: Any = ""
     edit_prompt: Any = None
     negative_prompt: str = ""
-    seed: int = 0
+    seed: Any = 0  # an integer, or a list of replicate seeds of a stochastic method (seed=[0,1,2])
     eta: float = 0.0
     batch_size: int = 16
     num_images: int = 4

@@ -89,12 +89,23 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"start_step={k!r} must be an integer in [0, num_steps={n})")
     if cfg.eta < 0:
         raise ConfigError(f"eta={cfg.eta!r} must be >= 0")
+    seeds = as_list(cfg.seed)
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ConfigError(f"seed={seeds!r} must be an integer >= 0 or a list of them")
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"seed={seeds!r} repeats a seed: replicates need distinct seeds")
     if cfg.task in ("reconstruct", "edit"):
         if budgeted:
             budget_steps(cfg)  # the inverter's check at the step count the budget gives, or too small a budget
         else:
             check_inverter(cfg, starts)
         check_editor(cfg)
+        if len(seeds) > 1:
+            check_replicates(cfg, seeds)
+    elif len(seeds) > 1:
+        raise ConfigError(
+            f"seed={seeds}: seed lists replicate reconstruct and edit runs; task={cfg.task} takes one"
+        )
     if cfg.task == "sample" and len(as_list(cfg.guidance_scale)) != 1:
         raise ConfigError("task=sample takes one guidance_scale; sweep several with -m guidance_scale=a,b")
     if cfg.task == "edit" and not as_list(cfg.edit_prompt) and not _annotated(cfg):
@@ -236,6 +247,39 @@ def check_editor(cfg: DictConfig) -> None:
 
     spec = OmegaConf.to_container(cfg.editor, resolve=True) if "editor" in cfg else None
     try:
-        make_editor(spec)
+        editor = make_editor(spec)
     except (ValueError, KeyError) as err:
         raise ConfigError(str(err).replace("\n", " ")) from err
+    inverter = (cfg.get("inverter") or {}).get("name")
+    if not editor.needs_inversion and inverter != "none":
+        raise ConfigError(
+            f"editor={editor.name} starts from the clean image and inverts nothing: use inverter=none, not"
+            f" inverter={inverter}"
+        )
+    if editor.needs_inversion and inverter == "none":
+        raise ConfigError(
+            f"inverter=none inverts nothing, and editor={editor.name} samples from an inverted latent: use"
+            " editor=sdedit or editor=flowedit, or an inverter"
+        )
+    family = config_family(cfg.model)
+    if editor.flow_only and family is not None and family not in FLOW_FAMILIES:
+        raise ConfigError(
+            f"editor={editor.name} runs on flow models only; model={cfg.model.name} is a {family} UNet model:"
+            " use editor=sdedit, or a flow model"
+        )
+
+
+def check_replicates(cfg: DictConfig, seeds: list[int]) -> None:
+    """A seed list replicates stochastic methods only: under a deterministic one every seed gives the same
+    rows."""
+    from ddim_lab.methods.editing import make_editor
+    from ddim_lab.methods.inversion import make_inverter
+
+    inverter = make_inverter(OmegaConf.to_container(cfg.inverter, resolve=True))
+    editor = make_editor(OmegaConf.to_container(cfg.editor, resolve=True) if "editor" in cfg else None)
+    if not (inverter.stochastic or editor.stochastic or float(cfg.eta) > 0):
+        raise ConfigError(
+            f"seed={seeds} changes nothing: inverter={inverter.name} with editor={editor.name} at"
+            f" eta={cfg.eta:g} is deterministic, so every seed gives the same rows; give one seed (seed lists"
+            " replicate sdedit, flowedit, edit_friendly, rf_inversion, or eta > 0)"
+        )

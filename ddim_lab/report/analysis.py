@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ddim_lab.report.replicates import without_seed
 from ddim_lab.report.stats import (
     DEFAULT,
     Bootstrap,
@@ -81,6 +82,7 @@ def analyze(
     inverters, else the first value)."""
     rows = normalize(df)
     df, keys, attributes, per_image = grouping_frame(rows)
+    keys = without_seed(keys, df)  # seed replicates are pooled in their image
     measured = metric_columns(df)
     metrics = [m for m in metrics if m in measured] if metrics is not None else measured
     references, costs = metric_columns(df, REFERENCE), metric_columns(df, COST)
@@ -124,7 +126,7 @@ def analyze(
         compare = None
     if compare is not None:
         analysis.compare = compare
-        analysis.strata = paired_strata(keys, compare, derived_keys(df))
+        analysis.strata = paired_strata(keys, compare, derived_keys(df), df)
         if baseline is None and compare in DEFAULT_BASELINES:
             present = set(df[compare].dropna().astype(str))
             baseline = DEFAULT_BASELINES[compare] if DEFAULT_BASELINES[compare] in present else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ddim_lab.report.replicates import without_seed
 from ddim_lab.schema import CONFIG_KEYS, grouping_keys, normalize
 from ddim_lab.study.records import PARTS_DIR, RESULTS_PARQUET, atomic_write, read_results
 
@@ -74,7 +75,7 @@ def varying_columns(df: pd.DataFrame, candidates: tuple[str, ...] | None = None)
     By default the schema's grouping keys: every config column that varies (undeclared text columns too),
     except those with one value per image, which vary only with the image (``schema.grouping_keys``)."""
     if candidates is None:
-        return grouping_keys(normalize(df))[0]
+        return without_seed(grouping_keys(normalize(df))[0], df)
     return [c for c in candidates if c in df.columns and df[c].nunique(dropna=False) > 1]
 
 

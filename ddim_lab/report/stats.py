@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from ddim_lab.report.replicates import SEED, image_means, matched_seeds, replicated, seed_spread
 from ddim_lab.schema import IMAGE, METRIC, PROTOCOL, QUALIFIES, role_of
 
 METHODS = ("percentile", "bca")
@@ -183,19 +184,23 @@ def group_intervals(
 ) -> pd.DataFrame:
     """One row per combination of ``keys``: the key values, ``n`` (rows), and per metric ``<m>_mean``,
     ``<m>_low``, ``<m>_high``, ``<m>_n`` (finite values)."""
+    nested = replicated(df)  # seed replicates: images resampled with their seeds, ``<m>_n`` counts images
     values = df[metrics].apply(pd.to_numeric, errors="coerce").astype("float64")
-    if keys:
-        values = values.join(df[keys])
+    if keys or nested:
+        values = values.join(df[[*keys, *([IMAGE, SEED] if nested else [])]])
     records = []
     for key, group in _groups(values, keys):
         record: dict = dict(zip(keys, key, strict=True))
         record["n"] = len(group)
-        ivs = frame_intervals(group[metrics], settings)
+        ivs = frame_intervals(image_means(group, metrics) if nested else group[metrics], settings)
         for m in metrics:
             iv = ivs[m]
             record.update({f"{m}_mean": iv.mean, f"{m}_low": iv.low, f"{m}_high": iv.high, f"{m}_n": iv.n})
+        if nested:
+            record.update({f"{m}_seed_sd": v for m, v in seed_spread(group, metrics).items()})
         records.append(record)
-    columns = [*keys, "n", *(f"{m}_{s}" for m in metrics for s in ("mean", "low", "high", "n"))]
+    parts = ("mean", "low", "high", "n", *(("seed_sd",) if nested else ()))
+    columns = [*keys, "n", *(f"{m}_{s}" for m in metrics for s in parts)]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -256,11 +261,32 @@ def derived_keys(df: pd.DataFrame) -> list[str]:
     ]
 
 
-def paired_strata(keys: list[str], key: str, derived: list[str] = ()) -> list[str]:
+def paired_strata(
+    keys: list[str], key: str, derived: list[str] = (), df: pd.DataFrame | None = None
+) -> list[str]:
     """The keys within whose combinations the values of ``key`` are paired: all others but ``key``'s own
-    qualifiers (``inverter_knobs`` differ between inverters by nature) and the ``derived`` keys (each method's
-    num_steps at a budget)."""
-    return [k for k in keys if k != key and QUALIFIES.get(k) != key and k not in derived]
+    qualifiers (``inverter_knobs`` differ between inverters by nature), the ``derived`` keys (each method's
+    num_steps at a budget) and, given the rows ``df``, the keys that ``follows`` ``key``."""
+    return [
+        k
+        for k in keys
+        if k != key and QUALIFIES.get(k) != key and k not in derived and (df is None or not follows(df, key, k))
+    ]
+
+
+# keys that are part of an arm of the compared key when each of its values fixes them: an editor's own inverter
+# (flowedit runs with inverter=none, prompt swap with rf_solver); elsewhere a differing setting stays a stratum
+ARM_PARTS = {"editor": ("inverter", "inverter_knobs")}
+
+
+def follows(df: pd.DataFrame, key: str, other: str) -> bool:
+    """Whether ``other`` (one of ``key``'s :data:`ARM_PARTS`) has one value per value of ``key`` and several
+    across them: a stratum on it would hold one level of ``key`` and pair nothing, so the arms are compared
+    with it, as part of each level."""
+    if other not in ARM_PARTS.get(key, ()) or key not in df.columns or other not in df.columns:
+        return False
+    values = df[other].astype(str)
+    return values.nunique() > 1 and bool((values.groupby(df[key].astype(str)).nunique() == 1).all())
 
 
 def paired_comparisons(
@@ -286,7 +312,7 @@ def paired_comparisons(
     if not_outcomes:
         raise ValueError(f"paired tests compare outcome metrics only, not costs or references: {not_outcomes}")
     qualifiers = [k for k in keys if QUALIFIES.get(k) == key]  # e.g. inverter_knobs when comparing inverters
-    strata = paired_strata(keys, key, derived_keys(df))
+    strata = paired_strata(keys, key, derived_keys(df), df)
     columns = [
         *strata,
         "key",
@@ -317,17 +343,20 @@ def paired_comparisons(
     work = df[metrics].apply(pd.to_numeric, errors="coerce").astype("float64")
     work["__level"] = levels.to_numpy()  # text: a missing value is a level too
     work["__unit"] = df[pair_on].astype(str).to_numpy()
+    work["__seed"] = df[SEED].to_numpy() if SEED in df.columns else np.nan  # replicates pair on seed too
     if strata:
         work = work.join(df[strata])
     records = []
     for stratum, group in _groups(work, strata):
-        means = group.groupby(["__unit", "__level"], sort=True)[metrics].mean()
-        if means.empty:
-            continue
-        tables = {m: means[m].unstack("__level") for m in metrics}
         for other in ordered:
+            arms = group[group["__level"].isin([base, other])]
+            arms = matched_seeds(arms, "__unit", "__level", "__seed", base, other)
+            means = arms.groupby(["__unit", "__level"], sort=True)[metrics].mean()
+            if other == base or means.empty:
+                continue
+            tables = {m: means[m].unstack("__level") for m in metrics}
             both = [m for m in metrics if {base, other} <= set(tables[m].columns)]
-            if other == base or not both:
+            if not both:
                 continue
             diffs = pd.DataFrame({m: tables[m][other] - tables[m][base] for m in both})
             diffs = diffs[diffs.notna().any(axis=1)]

@@ -42,6 +42,12 @@ def _cells(analysis: Analysis, column: str, marked: bool = False) -> list[str]:
         interval_cell(a, b, c)
         for a, b, c in zip(t[f"{column}_mean"], t[f"{column}_low"], t[f"{column}_high"], strict=True)
     ]
+    if f"{column}_seed_sd" in t.columns:  # seed replicates: the spread across seeds beside the image interval
+        spread = t[f"{column}_seed_sd"]
+        cells = [
+            c if pd.isna(sd) or sd == 0 else f"{c} ±{fmt(float(sd))} seeds"  # no spread shown where none
+            for c, sd in zip(cells, spread, strict=True)
+        ]
     if marked:
         cells = [
             f"{MARK} {c}" if m and c != MISSING else c for c, m in zip(cells, t["by_construction"], strict=True)

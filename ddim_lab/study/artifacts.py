@@ -32,7 +32,14 @@ from ddim_lab.study.conditioning import Conditioner
 # model options that only label a model: what it computes never depends on them
 DESCRIPTIVE_MODEL_KEYS = frozenset({"name"})
 
-Slot = tuple[int, float | None]  # (image index in its group, sampling guidance served; None: every guidance)
+# (image index in its group, slot): the slot is the sampling guidance served (None: every guidance), or under a
+# seed list with a stochastic inverter (guidance slot, replicate seed) (``plan.Grid.slot``)
+Slot = tuple[int, Any]
+
+
+def slot_parts(slot: Any) -> tuple[float | None, int | None]:
+    """A slot as (sampling guidance or None, replicate seed or None: the run's seed)."""
+    return tuple(slot) if isinstance(slot, tuple) else (slot, None)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -112,9 +119,12 @@ class Artifacts:
         self.identity = dict(identity)
         self.settings, self.cache, self.cond, self.tally = settings, cache, cond, tally
 
-    def key(self, item: Item, guidance: float | None = None, method: dict | None = None) -> str:
+    def key(
+        self, item: Item, guidance: float | None = None, method: dict | None = None, seed: int | None = None
+    ) -> str:
         """The cache key of ``item``'s artifact (or, with ``method``, of its DDIM pivot) serving sampling
-        guidance ``guidance``: everything that determines it and nothing else."""
+        guidance ``guidance`` (``seed``: a replicate's, else the run's): everything that determines it and
+        nothing else."""
         inverter = self.inverter if method is None else DDIMInversion()
         fields: dict[str, Any] = {
             "image": item.content_hash,
@@ -127,7 +137,7 @@ class Artifacts:
             "negative_prompt": self.settings.negative_prompt,
         }
         if inverter.stochastic:
-            fields["seed"] = int(self.settings.seed)
+            fields["seed"] = int(self.settings.seed if seed is None else seed)
         if inverter.guidance_dependent and method is None:
             fields["guidance"] = float(guidance)
         return inversion_key(**fields)
@@ -202,11 +212,14 @@ class Artifacts:
         g: float | None,
         pivot: Callable[[torch.Tensor], torch.Tensor],
         denoiser: UNetDenoiser,
+        seed: int | None = None,
     ) -> Artifact:
-        """The inverter's artifacts of ``items`` (x0 their latents) for sampling guidance ``g``, batched."""
+        """The inverter's artifacts of ``items`` (x0 their latents) for sampling guidance ``g``, batched;
+        a stochastic inverter draws from ``seed`` (a replicate's), else the run's seed."""
+        seed = self.settings.seed if seed is None else seed
         ctx = InvertContext(
             guidance=1.0 if g is None else g,
-            generators=[torch.Generator().manual_seed(image_seed(self.settings.seed, it)) for it in items],
+            generators=[torch.Generator().manual_seed(image_seed(seed, it)) for it in items],
             batch_size=self.settings.batch_size,
             progress=self.settings.progress,
             pivot=pivot,
@@ -223,7 +236,7 @@ class Artifacts:
         self,
         items: list[Item],
         x0: torch.Tensor,
-        slots: Sequence[float | None],
+        slots: Sequence[Any],
         denoiser: UNetDenoiser,
         cost_guidance: Callable[[float], float],
     ) -> tuple[dict[Slot, Artifact], dict[Slot, tuple[Cost, bool]]]:
@@ -236,16 +249,17 @@ class Artifacts:
         pivots: dict[str, Artifact] = {}  # pivots are shared by the guidances of this group only
         found: dict[Slot, Artifact] = {}
         costs: dict[Slot, tuple[Cost, bool]] = {}
-        for g in slots:
+        for slot in slots:
+            g, seed = slot_parts(slot)
             spent: dict[int, Cost] = {}  # pivot costs, by position in ``todo``
 
-            def compute(todo: list[int], g: float | None = g, spent: dict[int, Cost] = spent) -> Artifact:
+            def compute(todo: list[int], g: float | None = g, spent: dict = spent, seed=seed) -> Artifact:
                 rows, latents = [items[i] for i in todo], x0[todo]
                 pivot = self._pivot(rows, latents, g, spent, pivots, denoiser, cost_guidance)
-                return self._invert(rows, latents, g, pivot, denoiser)
+                return self._invert(rows, latents, g, pivot, denoiser, seed)
 
             arts, todo = self._through_cache(
-                [self.key(it, g) for it in items],
+                [self.key(it, g, seed=seed) for it in items],
                 lambda i: {"image": items[i].name, "prompt": items[i].prompt},
                 compute,
             )
@@ -253,9 +267,9 @@ class Artifacts:
             inverted_at = cost_guidance(self.settings.guidance_for(g))
             for i, art in enumerate(arts):  # every artifact at its formula cost; computed ones unflag below
                 cost = self.inverter.inversion_cost(self.plan, art, 1.0 if g is None else g, inverted_at)
-                found[i, g], costs[i, g] = art, (cost, True)
+                found[i, slot], costs[i, slot] = art, (cost, True)
             for n, i in enumerate(todo):
-                cost = costs[i, g][0]
+                cost = costs[i, slot][0]
                 self.tally.minimum += cost
-                costs[i, g] = (cost + spent.get(n, Cost()), False)
+                costs[i, slot] = (cost + spent.get(n, Cost()), False)
         return found, costs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ddim_lab.data.folders import Item
 from ddim_lab.data.pie import PieItem
@@ -26,57 +26,72 @@ class GridPoint:
     start_step: int
     target: str | None  # edit prompt; None reconstructs with the image's own prompt
     from_item: bool = False  # edit to each image's own target prompt (PIE-Bench data)
+    seed: int | None = None  # the replicate's seed (``seed=[0,1,2]``); None: the run's one seed
 
     @property
     def label(self) -> str:
         what = "target" if self.from_item else "recon" if self.target is None else self.target
-        return f"g={self.guidance:g} k={self.start_step} {what}"
+        seed = "" if self.seed is None else f" s={self.seed}"
+        return f"g={self.guidance:g} k={self.start_step} {what}{seed}"
 
 
 @dataclass(frozen=True)
 class GridSpec:
     """The grid settings of a reconstruct/edit job (the config's ``task``, ``edit_prompt``,
-    ``guidance_scale``, ``start_step`` as lists, and ``seed``)."""
+    ``guidance_scale``, ``start_step`` as lists, and ``seed``: the first of ``seeds``, the replicate seeds of a
+    seed list; one seed leaves ``seeds`` empty)."""
 
     task: str
     edit_prompts: tuple[Any, ...]
     guidances: tuple[Any, ...]
     start_steps: tuple[Any, ...]
     seed: int = 0
+    seeds: tuple[int, ...] = ()
 
 
 def plan_points(spec: GridSpec, item_targets: bool = False) -> list[GridPoint]:
-    """The product guidance × start step × target of one job; ``item_targets``: an edit without
-    ``edit_prompt`` on annotated data edits each image to its own target prompt."""
+    """The product seed × target × guidance × start step of one job (seed: the replicates of a seed list,
+    outermost); ``item_targets``: an edit without ``edit_prompt`` on annotated data edits each image to its
+    own target prompt."""
     targets = list(spec.edit_prompts) if spec.task == "edit" else [None]
     own = item_targets and spec.task == "edit" and not targets
+    seeds: list[int | None] = [int(s) for s in spec.seeds] or [None]
     return [
-        GridPoint(float(g), int(k), t, from_item=own)
-        for t, g, k in itertools.product(targets or [None], spec.guidances, spec.start_steps)
+        GridPoint(float(g), int(k), t, from_item=own, seed=s)
+        for s, t, g, k in itertools.product(seeds, targets or [None], spec.guidances, spec.start_steps)
     ]
 
 
 @dataclass(frozen=True)
 class Grid:
-    """The planned grid of a run: its points, the run's seed, and whether each image has one artifact per
+    """The planned grid of a run: its points, the run's seed, whether each image has one artifact per
     sampling guidance (``per_guidance``: guidance-dependent inverters, ``inversion.guidance_scale=match``)
-    or one for all (stored under guidance None)."""
+    or one for all (stored under guidance None), and whether it has one per replicate seed (``per_seed``: a
+    stochastic inverter under a seed list; its slots are then (guidance slot, seed))."""
 
     points: tuple[GridPoint, ...]
     seed: int
     per_guidance: bool
+    per_seed: bool = False
+    replicate_stride: ClassVar[int] = 1_000_003  # replicate seeds' trajectory seeds never meet
 
     def rows(self, images: int) -> list[tuple[int, int, GridPoint]]:
         """(image index, point index, point) of every trajectory of ``images`` images, image-major."""
         return [(i, j, p) for i, (j, p) in itertools.product(range(images), enumerate(self.points))]
 
-    def slots(self) -> list[float | None]:
-        """The sampling guidances the artifacts of one image serve (``[None]``: one artifact serves all)."""
-        return sorted({p.guidance for p in self.points}) if self.per_guidance else [None]
+    def slots(self) -> list[Any]:
+        """The slots of one image's artifacts, each a sampling guidance it serves (None: every guidance), and
+        with ``per_seed`` a (guidance slot, seed) pair; ``[None]``: one artifact serves all."""
+        return list(dict.fromkeys(self.slot(p) for p in sorted(self.points, key=_slot_order)))
 
-    def slot(self, point: GridPoint) -> float | None:
+    def slot(self, point: GridPoint) -> Any:
         """The slot of the artifact a trajectory of ``point`` samples from."""
-        return point.guidance if self.per_guidance else None
+        guidance = point.guidance if self.per_guidance else None
+        return (guidance, self.point_seed(point)) if self.per_seed else guidance
+
+    def point_seed(self, point: GridPoint) -> int:
+        """The seed a trajectory of ``point`` draws from: its replicate's, else the run's."""
+        return self.seed if point.seed is None else int(point.seed)
 
     @staticmethod
     def target(item: Item, point: GridPoint) -> str | None:
@@ -94,8 +109,17 @@ class Grid:
         return target is not None and target != item.prompt
 
     def sample_seed(self, image_index: int, point_index: int) -> int:
-        """The seed of one stochastic trajectory: distinct per (image, grid point), stable across groups."""
-        return int(self.seed) + image_index * len(self.points) + point_index
+        """The seed of one stochastic trajectory: distinct per (image, grid point), stable across groups; a
+        replicate seed s offsets it by s · 1 000 003 (distinct while images × points < 1 000 003)."""
+        offset = image_index * len(self.points) + point_index
+        point = self.points[point_index]
+        if point.seed is None:
+            return int(self.seed) + offset
+        return (int(point.seed) * self.replicate_stride + offset) % 2**63
+
+
+def _slot_order(point: GridPoint) -> tuple[int, float]:
+    return (-1 if point.seed is None else int(point.seed), point.guidance)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class Recorder:
         inversion: InversionSettings,
         shared: dict[str, Any],
         knobs_json: str,
-        stochastic: bool,  # eta > 0: rows name their trajectory's seed
+        stochastic: bool,  # eta > 0 or a noise-drawing editor: rows name their trajectory's seed
     ) -> None:
         self.grid, self.inverter, self.plan, self.inversion = grid, inverter, plan, inversion
         self.shared, self.knobs_json, self.stochastic = shared, knobs_json, stochastic
@@ -89,7 +89,7 @@ class Recorder:
             inversion_guidance = self.inversion.guidance_for(p.guidance)
             rows.append(
                 schema.row(
-                    **self.shared,
+                    **{k: v for k, v in self.shared.items() if p.seed is None or k != "seed"},
                     image=items[i].name,
                     prompt=items[i].prompt,
                     edit_prompt=grid.target(items[i], p) or "",  # empty = reconstruction, as the README says
@@ -119,6 +119,7 @@ class Recorder:
                         cost_guidance,
                     ).forwards,
                     sample_seed=grid.sample_seed(group.first_index + i, j) if self.stochastic else None,
+                    **({} if p.seed is None else {"seed": p.seed}),  # a replicate of a seed list
                     seconds=group.seconds,
                     peak_memory_mb=group.memory,
                     protocol=None if protocol is None else protocol.id(),

@@ -90,8 +90,20 @@ def grid_spec(cfg: DictConfig) -> GridSpec:
         edit_prompts=tuple(as_list(cfg.edit_prompt)),
         guidances=tuple(as_list(cfg.guidance_scale)),
         start_steps=tuple(as_list(cfg.start_step)),
-        seed=int(cfg.seed),
+        seed=first_seed(cfg),
+        seeds=replicate_seeds(cfg),
     )
+
+
+def replicate_seeds(cfg: DictConfig) -> tuple[int, ...]:
+    """The replicate seeds of ``seed=[a, b, ...]`` (a grid dimension of stochastic methods); () for one seed."""
+    seeds = as_list(cfg.seed)
+    return tuple(int(s) for s in seeds) if len(seeds) > 1 else ()
+
+
+def first_seed(cfg: DictConfig) -> int:
+    """The run's seed: ``seed``, or the first of a seed list."""
+    return int(as_list(cfg.seed)[0])
 
 
 def grid_points(cfg: DictConfig, item_targets: bool = False) -> list[GridPoint]:
@@ -145,12 +157,14 @@ class Runner:
             num_steps=cfg.num_steps,
             guidance=None if inversion == "match" else float(inversion),
             negative_prompt=cfg.negative_prompt,
-            seed=int(cfg.seed),
+            seed=first_seed(cfg),
             batch_size=cfg.batch_size,
             progress=runtime.progress,
         )
         # one artifact per (image, g) for guidance-dependent inverters and "match"
-        self.grid = Grid(tuple(points), int(cfg.seed), self.inverter.guidance_dependent or settings.match)
+        per_guidance = self.inverter.guidance_dependent or settings.match
+        per_seed = self.inverter.stochastic and bool(replicate_seeds(cfg))  # one artifact per replicate
+        self.grid = Grid(tuple(points), first_seed(cfg), per_guidance, per_seed)
         self.tally = Tally()  # what the work done so far spent, and must cost by the inverter's formulas
         scheduler = self.scheduler.config
         self.artifact_stage = Artifacts(
@@ -159,7 +173,7 @@ class Runner:
         sampling = SamplingSettings(float(cfg.eta), cfg.batch_size, runtime.progress)
         self.sampler = Sampler(self.grid, self.inverter, self.plan, model, self.cond, sampling, self.tally)
         shared = schema.config_values(cfg)  # the run-wide config columns of every row
-        stochastic = cfg.eta > 0  # rows name their trajectory's seed
+        stochastic = cfg.eta > 0 or self.editor.stochastic  # rows name their trajectory's seed
         self.recorder = Recorder(
             self.grid, self.inverter, self.plan, settings, shared, self.knobs_json, stochastic
         )
@@ -225,9 +239,12 @@ class Runner:
         """The guidance the cost formulas see on this run's denoiser (``accounting.cost_guidance``)."""
         return accounting.cost_guidance(self.denoiser, guidance)
 
-    def inversion_key(self, item: Item, guidance: float | None = None, method: dict | None = None) -> str:
-        """The cache key of ``item``'s artifact serving sampling guidance ``guidance`` (``Artifacts.key``)."""
-        return self.artifact_stage.key(item, guidance, method)
+    def inversion_key(
+        self, item: Item, guidance: float | None = None, method: dict | None = None, seed: int | None = None
+    ) -> str:
+        """The cache key of ``item``'s artifact serving sampling guidance ``guidance`` (``seed``: a replicate's)
+        (``Artifacts.key``)."""
+        return self.artifact_stage.key(item, guidance, method, seed)
 
     # -- the stages on one image group --------------------------------------------------------------------
     def artifacts(self, items: list[Item], x0: torch.Tensor) -> tuple[dict, dict]:

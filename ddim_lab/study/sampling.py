@@ -2,7 +2,7 @@
 
 1. each row (image i, grid point p, image-major) takes the artifact of its slot, the prompt it samples with
    (an edit's target, else the source) and its source prompt at p's guidance, its start step and edit flag,
-   and with ``eta > 0`` its own generator;
+   and with ``eta > 0`` or an editor that draws noise (sdedit, flowedit) its own generator;
 2. the editor samples the batch through the inverter's sampler (prompt swap, or p2p's paired trajectories);
 3. the passes spent add to the run's ``sampling`` count, each trajectory's formula cost to its minimum.
 """
@@ -77,7 +77,7 @@ class Sampler:
         targets = [grid.prompt(items[i], p) for i, _, p in rows]
         gens = (
             [torch.Generator().manual_seed(grid.sample_seed(first_index + i, j)) for i, j, _ in rows]
-            if self.settings.eta > 0
+            if self.settings.eta > 0 or editor.stochastic  # sdedit, flowedit draw their noise per row
             else None
         )
         batch = SampleRows(

@@ -1,5 +1,6 @@
 """Editors, one module each, behind one contract (``ddim_lab.methods.editing.base.Editor``): ``prompt_swap``
-(sample with the target prompt) and ``p2p`` (prompt-to-prompt attention control).
+(sample with the target prompt) and ``p2p`` (prompt-to-prompt attention control) on UNets; ``rf_edit``
+(RF-Solver-Edit's value sharing) and ``uni_edit`` (UniEdit-Flow's velocity fusion) on flow transformers.
 
 ``make_editor(cfg.editor)`` builds the editor a ``conf/editor/NAME.yaml`` names, with its knobs.
 """
@@ -18,6 +19,10 @@ __all__ = ["EDITORS", "EditPrompts", "Editor", "make_editor"]
 EDITORS: dict[str, str] = {
     "prompt_swap": "ddim_lab.methods.editing.prompt_swap:PromptSwap",
     "p2p": "ddim_lab.methods.editing.p2p:PromptToPrompt",
+    "sdedit": "ddim_lab.methods.editing.sdedit:SDEdit",
+    "flowedit": "ddim_lab.methods.editing.flowedit:FlowEdit",
+    "rf_edit": "ddim_lab.methods.editing.rf_edit:RFEdit",
+    "uni_edit": "ddim_lab.methods.editing.uni_edit:UniEdit",
 }
 
 

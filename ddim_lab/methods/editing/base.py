@@ -34,6 +34,9 @@ class Editor:
     """Base class; ``sample`` and ``trajectory_cost`` say what an edit runs and costs."""
 
     name: ClassVar[str]
+    stochastic: ClassVar[bool] = False  # draws noise per row: rows carry their seed; a seed list replicates
+    needs_inversion: ClassVar[bool] = True  # False: samples from the clean latent (``inverter=none`` only)
+    flow_only: ClassVar[bool] = False  # runs on flow models only
 
     def check(self) -> None:
         """Raise ValueError (one line) for knobs that cannot run; needs no model."""

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,8 @@ INVERTERS: dict[str, str] = {
     "edict": "ddim_lab.methods.inversion.edict:EDICTInversion",
     "bdia": "ddim_lab.methods.inversion.bdia:BDIAInversion",
     "fixed_point": "ddim_lab.methods.inversion.fixed_point:FixedPointInversion",
+    "renoise": "ddim_lab.methods.inversion.renoise:RenoiseInversion",
+    "gnri": "ddim_lab.methods.inversion.gnri:GNRIInversion",
     "edit_friendly": "ddim_lab.methods.inversion.edit_friendly:EditFriendlyInversion",
     "direct": "ddim_lab.methods.inversion.direct:DirectInversion",
     "flow_euler": "ddim_lab.methods.inversion.flow_euler:FlowEulerInversion",
@@ -30,6 +33,7 @@ INVERTERS: dict[str, str] = {
     "fireflow": "ddim_lab.methods.inversion.fireflow:FireFlowInversion",
     "uni_inv": "ddim_lab.methods.inversion.uni_inv:UniInvInversion",
     "rf_inversion": "ddim_lab.methods.inversion.rf_inversion:RFInversion",
+    "none": "ddim_lab.methods.inversion.none:NoInversion",  # the clean latent (sdedit, flowedit)
 }
 
 
@@ -45,10 +49,23 @@ def make_inverter(spec: Mapping[str, Any] | str) -> Inverter:
     knobs = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = knobs.pop("name")
     cls = inverter_class(name)
+    fields = knob_names(name)
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        owners = [n for n in sorted(INVERTERS) if unknown[0] in knob_names(n)]
+        raise ValueError(
+            f"inverter={name} has no knob {unknown[0]!r} (its knobs: {', '.join(sorted(fields)) or 'none'})"
+            + (f"; {unknown[0]} is a knob of inverter={'|'.join(owners)}" if owners else "")
+        )
     try:
         return cls(**knobs)
     except TypeError as err:
         raise ValueError(f"inverter={name}: {err}") from err
+
+
+def knob_names(name: str) -> set[str]:
+    """The knobs (dataclass fields) of inverter ``name``."""
+    return {f.name for f in dataclasses.fields(inverter_class(name))}  # type: ignore[arg-type]
 
 
 def make_plan(inverter: str, scheduler: DDIMScheduler, num_steps: int) -> Plan:
