@@ -295,7 +295,7 @@ def test_artifacts_round_trip_through_the_cache(digits, tmp_path, name):
     assert [r["latent_mse"] for r in rows_a] == [r["latent_mse"] for r in rows_b]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*ALL, "none"])  # none: no knob, no seed (its editors draw the noise)
 def test_the_key_holds_the_knobs_and_no_sampling_setting(digits, name):
     item = items_for(digits, 1)[0]
     base = Runner(dcfg(f"inverter={name}"), digits)

@@ -2,8 +2,8 @@
 
 - each inverter (``INVERTERS``): a reference-parity test (its name, quoted, in a
   ``tests/test_reference_parity_*.py`` file), and the cost-formula and cache-key tests parametrized over it:
-  ``tests/test_inverters.py`` for the UNet methods, ``tests/test_flow_inverters.py`` for the flow methods
-  (read from those tests' own ``parametrize`` marks);
+  ``tests/test_inverters.py`` for the UNet methods, ``tests/test_flow_inverters.py`` for the flow methods,
+  ``tests/test_sdedit.py`` for ``none`` (read from those tests' own ``parametrize`` marks);
 - each editor (``EDITORS``): a reference-parity test, and the cost-formula and cache-key test below, which
   runs over every registered editor: the evaluations the engine counts equal the editor's
   ``trajectory_cost`` over its rows, and a knob changes the rows' ``editor_knobs`` but never a cache key.
@@ -26,7 +26,7 @@ from ddim_lab.data.folders import load_dataset
 from ddim_lab.methods.editing import EDITORS
 from ddim_lab.methods.inversion import INVERTERS
 from ddim_lab.study.runner import Runner
-from tests import test_flow_inverters, test_inverters
+from tests import test_flow_inverters, test_inverters, test_sdedit
 from tests.conftest import DIGITS, lab_config
 
 TESTS = Path(__file__).resolve().parent
@@ -35,6 +35,7 @@ TESTS = Path(__file__).resolve().parent
 COST_TESTS = (
     test_inverters.test_engine_spends_each_methods_formula_and_batches_exactly,
     test_flow_inverters.test_costs_equal_counted_evaluations_and_mixed_starts_batch_exactly,
+    test_sdedit.test_sdedit_spends_its_formula_and_replicates_over_a_seed_list,  # inverter=none
 )
 KEY_TESTS = (
     test_inverters.test_the_key_holds_the_knobs_and_no_sampling_setting,

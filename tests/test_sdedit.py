@@ -70,16 +70,19 @@ def flow_model(cache_dir):
     return load_model(model_spec("digits-flow"), {"device": "cpu"}, cache_dir)
 
 
-def run(model, *overrides: str, images: int = 2) -> tuple[list[dict], Runner]:
-    cfg = lab_config("task=edit", "inverter=none", "editor=sdedit", *overrides, model="digits-flow", steps=4)
+def run(model, *overrides: str, images: int = 2, inverter: str = "none") -> tuple[list[dict], Runner]:
+    cfg = lab_config(
+        "task=edit", f"inverter={inverter}", "editor=sdedit", *overrides, model="digits-flow", steps=4
+    )
     runner = Runner(cfg, model)
     rows, _ = runner.run_group(load_dataset(DIGITS, model.resolution, "")[:images])
     return rows, runner
 
 
-def test_sdedit_spends_its_formula_and_replicates_over_a_seed_list(flow_model):
+@pytest.mark.parametrize("name", ["none"])  # the cost formula of inverter=none (tests/test_method_coverage.py)
+def test_sdedit_spends_its_formula_and_replicates_over_a_seed_list(flow_model, name):
     grid = ("edit_prompt=[null,a handwritten digit eight]", "guidance_scale=[1,3]", "start_step=[1,2]")
-    rows, runner = run(flow_model, *grid, "seed=[0,1,2]")
+    rows, runner = run(flow_model, *grid, "seed=[0,1,2]", inverter=name)
     assert len(rows) == 2 * 2 * 2 * 2 * 3 and sorted({r["seed"] for r in rows}) == [0, 1, 2]
     expected = sum((4 - r["start_step"]) * (1 if r["guidance_scale"] == 1 else 2) for r in rows)
     assert runner.evals["sampling"] == runner.minimum.forwards == sum(r["unet_evals"] for r in rows) == expected
