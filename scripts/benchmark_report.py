@@ -9,7 +9,8 @@ timed), so the page draws its default grid from them; the page's size is printed
 
 Measured 2026-11-27 on 2 shared CPU cores (load average about 6), 10,000 rows, 2000 resamples: tables only
 2.8 s; with ``--figures --html`` 5.2 s; the whole ``ddim-lab-report DIR --figures --html --images ...`` process
-(Python start and imports included) 5.9 s. Target: under 10 s.
+(Python start and imports included) 5.9 s. Re-measured 2026-12-03 on a quiet machine (load average 0.8),
+``--figures --html``, three runs: 4.64, 2.92, 2.61 s (the first with cold file caches). Target: under 10 s.
 """
 
 from __future__ import annotations
