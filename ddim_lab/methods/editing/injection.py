@@ -1,5 +1,6 @@
 """Feature injection on flow transformers (SD3's joint blocks, FLUX's double- and single-stream blocks): the
-editor contract of attention-injection editors (``rf_edit``, ``kv_edit``), source and target in one call.
+editor contract of attention-injection editors (``rf_edit``; ``kv_edit`` not yet), source and target in one
+call.
 
 1. **Pairs.** As prompt-to-prompt on the UNet (``p2p``): each edit trajectory becomes an adjacent (source,
    target) pair of rows of one ``SampleRows``, the source sampling the source prompt on the inverter's
