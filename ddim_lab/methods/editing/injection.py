@@ -36,9 +36,10 @@ import torch
 from ddim_lab.engine.ddim import Denoiser, Prediction, predict
 from ddim_lab.engine.denoiser import Conditioning, cfg_branches
 from ddim_lab.engine.schedule import Plan
+from ddim_lab.methods.editing import pairs
+from ddim_lab.methods.editing.pairs import SOURCE, TARGET
 from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows
 
-SINGLE, SOURCE, TARGET = 0, 1, 2  # roles of a row
 ROLE, PAIR, START = "inject_role", "inject_pair", "inject_start"  # cond.extra keys: (B,) long each
 
 
@@ -114,51 +115,9 @@ def late_blocks(blocks: Any, share_from: float) -> list[torch.nn.Module]:
 # -- 1. pairs --------------------------------------------------------------------------------------------------
 def pair_rows(rows: SampleRows) -> tuple[SampleRows, torch.Tensor]:
     """(rows with each edit as an adjacent (source, target) pair, pairs first, unedited rows after; for each
-    original row, the position of its result among them)."""
-    edit = rows.edit.cpu()
-    edits, singles = edit.nonzero().flatten(), (~edit).nonzero().flatten()
-    E = len(edits)
-    pick = torch.cat([edits.repeat_interleave(2), singles])  # (B',) original row of each new row
-    role = torch.cat([torch.tensor([SOURCE, TARGET]).repeat(E), torch.full((len(singles),), SINGLE)])
-    pair = torch.cat([torch.arange(E).repeat_interleave(2), torch.full((len(singles),), -1)])
-    take = torch.empty(len(edit), dtype=torch.long)
-    take[edits] = 2 * torch.arange(E) + 1
-    take[singles] = 2 * E + torch.arange(len(singles))
-    is_source = role == SOURCE
-    cond = _choose(is_source, rows.source[pick], rows.cond[pick])
-    device = rows.cond.text.device
-    cond.extra.update({ROLE: role.to(device), PAIR: pair.to(device), START: rows.start.cpu()[pick].to(device)})
-    generators = None if rows.generators is None else [_copy(rows.generators[int(b)]) for b in pick]
-    paired = SampleRows(
-        artifact={k: v[pick.to(v.device)] for k, v in rows.artifact.items()},
-        cond=cond,
-        source=rows.source[pick],
-        start=rows.start[pick.to(rows.start.device)],
-        edit=(edit[pick] & ~is_source).to(rows.edit.device),
-        generators=generators,
-    )
+    original row, the position of its result among them): :func:`~ddim_lab.methods.editing.pairs.pair_rows`."""
+    paired, take, _, _ = pairs.pair_rows(rows, (ROLE, PAIR, START))
     return paired, take
-
-
-def _choose(first: torch.Tensor, a: Conditioning, b: Conditioning) -> Conditioning:
-    """Row r of ``a`` where ``first[r]``, else of ``b``."""
-
-    def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.where(first.to(x.device).view(-1, *[1] * (x.dim() - 1)), x, y)
-
-    return Conditioning(
-        text=pick(a.text, b.text),
-        null=None if a.null is None or b.null is None else pick(a.null, b.null),
-        guidance=pick(a.guidance, b.guidance),
-        extra={k: pick(a.extra[k], v) for k, v in b.extra.items()},
-    )
-
-
-def _copy(generator: torch.Generator) -> torch.Generator:
-    """A generator at the same state (a pair's rows draw the same noise)."""
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    return copy
 
 
 # -- 2. the layout of each transformer call --------------------------------------------------------------------

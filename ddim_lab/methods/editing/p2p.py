@@ -52,12 +52,12 @@ from ddim_lab.methods.editing.align import refine_map, replace_map, token_ids, w
 from ddim_lab.methods.editing.attention import AttentionControl, Layout, controlled
 from ddim_lab.methods.editing.base import Editor, EditPrompts
 from ddim_lab.methods.editing.blend import LocalBlend
+from ddim_lab.methods.editing.pairs import SINGLE, SOURCE, TARGET, pair_rows
 from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows
 
 log = logging.getLogger(__name__)
 
 MODES = ("refine", "replace")
-SINGLE, SOURCE, TARGET = 0, 1, 2  # roles of a row
 ROLE, PAIR, START = "p2p_role", "p2p_pair", "p2p_start"  # cond.extra keys: (B,) long each
 TOKEN_MAP, ALIGNED, WEIGHT, BLEND = "p2p_token_map", "p2p_aligned", "p2p_weight", "p2p_blend"  # (B, L) each
 
@@ -159,39 +159,17 @@ class PromptToPrompt(Editor):
     def pair(self, rows: SampleRows, prompts: EditPrompts) -> tuple[SampleRows, torch.Tensor]:
         """(rows with each edit as an adjacent (source, target) pair, pairs first; for each original row, the
         position of its result among them)."""
-        edit = rows.edit.cpu()
-        edits, singles = edit.nonzero().flatten(), (~edit).nonzero().flatten()
-        E = len(edits)
-        pick = torch.cat([edits.repeat_interleave(2), singles])  # (B',) original row of each new row
-        role = torch.cat([torch.tensor([SOURCE, TARGET]).repeat(E), torch.full((len(singles),), SINGLE)])
-        pair = torch.cat([torch.arange(E).repeat_interleave(2), torch.full((len(singles),), -1)])
-        take = torch.empty(len(edit), dtype=torch.long)
-        take[edits] = 2 * torch.arange(E) + 1
-        take[singles] = 2 * E + torch.arange(len(singles))
+        paired, take, pick, role = pair_rows(rows, (ROLE, PAIR, START))
         length = rows.cond.text.shape[1]
         tables = self.token_tables(prompts, pick.tolist(), role.tolist(), length)
         device = rows.cond.text.device
         extra = {
-            ROLE: role,
-            PAIR: pair,
-            START: rows.start.cpu()[pick],
             TOKEN_MAP: torch.stack([t.token_map for t in tables]),
             ALIGNED: torch.stack([t.aligned for t in tables]),
             WEIGHT: torch.stack([t.weight for t in tables]),
             BLEND: torch.stack([t.blend for t in tables]),
         }
-        is_source = role == SOURCE
-        cond = _choose(is_source, rows.source[pick], rows.cond[pick])
-        cond.extra.update({k: v.to(device) for k, v in extra.items()})
-        generators = None if rows.generators is None else [_copy(rows.generators[int(b)]) for b in pick]
-        paired = SampleRows(
-            artifact={k: v[pick.to(v.device)] for k, v in rows.artifact.items()},
-            cond=cond,
-            source=rows.source[pick],
-            start=rows.start[pick.to(rows.start.device)],
-            edit=(edit[pick] & ~is_source).to(rows.edit.device),
-            generators=generators,
-        )
+        paired.cond.extra.update({k: v.to(device) for k, v in extra.items()})
         return paired, take
 
     def token_tables(
@@ -245,27 +223,6 @@ class PromptToPrompt(Editor):
                 log.warning("editor=p2p: %r is not a word of the target %r; not re-weighted", word, target)
             table.weight[positions] = float(value)
         return table
-
-
-def _choose(first: torch.Tensor, a: Conditioning, b: Conditioning) -> Conditioning:
-    """Row r of ``a`` where ``first[r]``, else of ``b``."""
-
-    def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.where(first.to(x.device).view(-1, *[1] * (x.dim() - 1)), x, y)
-
-    return Conditioning(
-        text=pick(a.text, b.text),
-        null=None if a.null is None or b.null is None else pick(a.null, b.null),
-        guidance=pick(a.guidance, b.guidance),
-        extra={k: pick(a.extra[k], v) for k, v in b.extra.items()},
-    )
-
-
-def _copy(generator: torch.Generator) -> torch.Generator:
-    """A generator at the same state (a pair's rows draw the same noise, each from its own generator)."""
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    return copy
 
 
 def attention_network(denoiser: Denoiser) -> torch.nn.Module:
