@@ -46,7 +46,7 @@ from ddim_lab.engine.denoiser import Conditioning
 from ddim_lab.engine.flow import flow_sigma, from_flow, velocity
 from ddim_lab.engine.schedule import Plan
 from ddim_lab.methods.editing.base import Editor, EditPrompts
-from ddim_lab.methods.editing.sdedit import clean_latent
+from ddim_lab.methods.editing.sdedit import clean_latent, row_generators
 from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows, evals_per_step
 
 
@@ -100,9 +100,7 @@ class FlowEdit(Editor):
         progress: bool = False,
     ) -> torch.Tensor:
         x_src = clean_latent(rows, self.name)  # (B, C, H, W)
-        gens = rows.generators
-        if gens is None or len(gens) != len(x_src):
-            raise ValueError("editor=flowedit draws noise per trajectory: it needs one generator per row")
+        gens = row_generators(rows, len(x_src), self.name)
         N, switch = plan.num_steps, plan.num_steps - self.n_min
         sigma, sigma_next = flow_sigma(plan.alpha), flow_sigma(plan.alpha_next)  # (N,) float64 each
         first = torch.tensor([self.first_step(N, int(k)) for k in rows.start.tolist()])  # (B,)

@@ -47,11 +47,16 @@ def noised(x0: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor) -> torch.
     return (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).to(x0.dtype)
 
 
+def row_generators(rows: SampleRows, count: int, editor: str) -> list[torch.Generator]:
+    """Each of the ``count`` rows' own generator; a clear error when the rows do not carry one each."""
+    if rows.generators is None or len(rows.generators) != count:
+        raise ValueError(f"editor={editor} draws noise per trajectory: it needs one generator per row")
+    return rows.generators
+
+
 def row_noise(rows: SampleRows, like: torch.Tensor, editor: str) -> torch.Tensor:
     """One N(0, I) draw (B, C, H, W) per row from its own generator (step 1)."""
-    if rows.generators is None or len(rows.generators) != len(like):
-        raise ValueError(f"editor={editor} draws noise per trajectory: it needs one generator per row")
-    return step_noise(rows.generators, torch.arange(len(like)), like)
+    return step_noise(row_generators(rows, len(like), editor), torch.arange(len(like)), like)
 
 
 @dataclass
