@@ -31,7 +31,7 @@ quickstart: venv
 	HF_HUB_OFFLINE=1 $(BIN)/ddim-lab +experiment=quickstart
 
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist worksteal -q
 
 lint: imports
 	$(BIN)/ruff check ddim_lab scripts tests && $(BIN)/ruff format --check ddim_lab scripts tests

@@ -38,6 +38,19 @@ def test_every_config_file_composes(override):
         validate(cfg)
 
 
+@pytest.mark.parametrize("arm", _options("edit_arm"))
+def test_every_flow_editing_arm_composes_validates_and_wins_over_the_preset(arm):
+    """The flow-editing study's arms (conf/edit_arm/): each an editor and its inverter; an arm's own values
+    (uni_edit's guidance 1 and start step 6) win over the preset's."""
+    cfg = _compose(["+experiment=flow_editing", f"edit_arm={arm}"])
+    validate(cfg)
+    assert cfg.editor.name == arm.split("-")[0] and cfg.model.name == "digits-flow"
+    if cfg.editor.name == "uni_edit":
+        assert (cfg.guidance_scale, cfg.start_step, cfg.inverter.name) == (1.0, 6, "uni_inv")
+    else:
+        assert cfg.guidance_scale == 3.0
+
+
 def test_defaults_are_the_offline_digits_setup():
     cfg = _compose([])
     assert (cfg.model.source, cfg.data.path.endswith("digits-heldout"), cfg.logger.name) == (
@@ -46,6 +59,10 @@ def test_defaults_are_the_offline_digits_setup():
         "local",
     )
     assert cfg.task == "reconstruct" and cfg.inversion.guidance_scale == 1.0
+    edit = _compose(["task=edit"])  # the digits data's own target: every digit into an eight
+    validate(edit)
+    assert edit.edit_prompt == "a handwritten digit eight"
+    assert _compose(["task=edit", "data=digits-pie"]).edit_prompt is None  # PIE items carry their targets
 
 
 @pytest.mark.parametrize(
@@ -56,7 +73,7 @@ def test_defaults_are_the_offline_digits_setup():
         (["guidance_scale=-2"], "guidance_scale=-2"),
         (["inversion.guidance_scale=-0.5"], "inversion.guidance_scale=-0.5"),
         (["num_steps=0"], "num_steps=0"),
-        (["task=edit"], "edit_prompt"),
+        (["task=edit", "data=photos"], "edit_prompt"),  # the digits data default to an eight; photos do not
         (["task=painting"], "task='painting'"),
         (["inverter=course", "start_step=48"], "inverter=course keeps N-2 latents"),
         (["inverter=course", "num_steps=2"], "num_steps=2 must be at least 3"),

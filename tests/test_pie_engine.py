@@ -59,7 +59,7 @@ def test_protocol_follows_the_image_subset(digits):
 
 
 def test_edit_without_prompt_on_plain_folders_is_still_an_error():
-    cfg = compose_config(["task=edit"])
+    cfg = compose_config(["task=edit", "data=photos"])  # the digits data name their own target (an eight)
     with pytest.raises(ConfigError, match="edit_prompt"):
         validate(cfg)
 

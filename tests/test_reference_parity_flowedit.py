@@ -4,18 +4,27 @@ against a transcription of FlowEdit's SD3 loop (``tests/references/flowedit.py``
 its generator draws in the reference's order, n_avg draws per coupled step, one more where plain steps begin),
 with classifier-free guidance on both velocities; and the evaluations counted by a hook on the transformer
 against the editor's formula and against the reference's own calls (4 · n_avg rows per coupled step).
+
+FLUX: the lab's editor on ``tiny-flux`` (embedded guidance, 2×2 packing, FLUX.1-dev's shifted schedule) against
+a transcription of ``FlowEditFLUX`` on the same transformer, with the reference's schedule (``set_timesteps``
+with ``sigmas = linspace(1, 1/T, T)`` and the resolution's shift μ), the same noise (drawn per image and
+packed), one single-row call per velocity: 2 · n_avg rows per coupled step, as the runner charges them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ddim_lab.data import digits
+from ddim_lab.engine.flow_denoiser import image_ids, pack_latents
 from ddim_lab.methods.editing import EditPrompts, make_editor
 from ddim_lab.methods.inversion import make_inverter
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows
+from ddim_lab.study.accounting import cost_guidance
 from tests.conftest import model_spec
 from tests.references import flowedit as ref
 
@@ -124,3 +133,87 @@ def test_flowedit_from_a_later_start_step_starts_its_path_there(flow_model, setu
     ours = lab_flowedit(flow_model, x0, source, target, knobs, start=3)
     theirs = reference(flow_model, x0, source, target, {**knobs, "n_max": N - 3}, [])
     assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(cache_dir):
+    from ddim_lab.models.loading import load_model
+
+    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
+
+
+def flux_reference(model, x0, source, target, knobs: dict, calls: list[int]) -> torch.Tensor:
+    """``FlowEditFLUX`` on the lab's FLUX transformer: its own schedule, packed latents, embedded guidance."""
+    H, W = x0.shape[-2:]
+    packed = pack_latents(x0)  # (1, H/2 · W/2, 4C)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.pipe.scheduler.config)
+    c = scheduler.config
+    mu = calculate_shift(packed.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), mu=mu)
+    conds = {
+        "src": (model.conditioning([source], [G_SRC]), G_SRC),
+        "tar": (model.conditioning([target], [G_TAR]), G_TAR),
+    }
+
+    def velocity(latents: torch.Tensor, t: torch.Tensor, which: str) -> torch.Tensor:
+        cond, g = conds[which]
+        return model.network(
+            hidden_states=latents,
+            timestep=t.expand(len(latents)) / 1000,
+            guidance=torch.full((len(latents),), g),
+            pooled_projections=cond.extra["pooled"],
+            encoder_hidden_states=cond.text,
+            txt_ids=torch.zeros(cond.text.shape[1], 3),
+            img_ids=image_ids(H, W, latents.device, latents.dtype),
+            return_dict=False,
+        )[0]
+
+    gen = torch.Generator().manual_seed(SEED)
+
+    def noise(like: torch.Tensor) -> torch.Tensor:  # the lab's draw (per image, unpacked), packed
+        return pack_latents(torch.randn(x0.shape, generator=gen, dtype=x0.dtype))
+
+    out = ref.flowedit_flux(
+        velocity,
+        scheduler.timesteps,
+        scheduler.sigmas,
+        packed,
+        noise,
+        knobs["n_avg"],
+        knobs["n_min"],
+        knobs["n_max"],
+        calls,
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"n_max": 5, "n_min": 0, "n_avg": 2, "source_guidance": G_SRC},
+        {"n_max": N, "n_min": 2, "n_avg": 1, "source_guidance": G_SRC},
+    ],
+)
+def test_flowedit_on_flux_matches_the_reference_and_is_charged_per_row(tiny_flux, knobs):
+    torch.manual_seed(0)
+    x0 = torch.randn(1, *tiny_flux.latent_shape)
+    transformer = tiny_flux.network
+    ours_calls, handle = rows_counted(transformer)
+    try:
+        ours = lab_flowedit(tiny_flux, x0, "a photograph of the cat", "a photograph of the dog", knobs)
+    finally:
+        handle.remove()
+    ref_calls: list[int] = []
+    theirs = flux_reference(
+        tiny_flux, x0, "a photograph of the cat", "a photograph of the dog", knobs, ref_calls
+    )
+    ours = pack_latents(ours)
+    delta, scale = float((ours - theirs).abs().max()), float(theirs.abs().max())
+    assert delta <= 1e-5 * scale, f"max |Δ| = {delta:.3e} against max |x| = {scale:.3f}"
+    assert float((ours - pack_latents(x0)).abs().max()) > 100 * delta  # it edited, far beyond the tolerance
+    editor = make_editor({"name": "flowedit", **knobs})
+    plan = make_inverter("none").plan(tiny_flux.scheduler(), N)
+    charged = editor.charged(None, plan, 0, G_TAR, True, lambda g: cost_guidance(tiny_flux.denoiser(), g))
+    assert sum(ours_calls) == sum(ref_calls) == charged.forwards  # one row per velocity, whatever g
+    coupled = min(knobs["n_max"], N) - knobs["n_min"]
+    assert charged.forwards == 2 * knobs["n_avg"] * coupled + knobs["n_min"]

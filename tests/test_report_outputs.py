@@ -451,9 +451,12 @@ def test_tables_written_before_cached_costs_show_them_as_unrecorded():
     rows += [
         _row(f"img{i}", inverter="edict", inversion_unet_evals=20, inversion_cached=False) for i in range(3)
     ]
+    rows += [  # inverter=none (the clean latent) costs 0 by its formula, cached or not
+        _row(f"img{i}", inverter="none", inversion_unet_evals=0, inversion_cached=True) for i in range(3)
+    ]
     analysis = analyze(_frame(rows), FAST)
     costs = analysis.intervals.set_index("inverter")["inversion_unet_evals_mean"]
-    assert np.isnan(costs["ddim"]) and costs["edict"] == 20
+    assert np.isnan(costs["ddim"]) and costs["edict"] == 20 and costs["none"] == 0
     assert any("3 rows with a cached inversion record 0" in n for n in analysis.notes)
 
 

@@ -209,3 +209,54 @@ def test_runs_that_declare_different_sections_are_refused(tmp_path):
         ReportSpecError, match=r"declare 2 different report sections \(0/config\.yaml, 1/config"
     ):
         saved_report(tmp_path / "mixed")
+
+
+def _edit_row(image: str, editor: str, knobs: str, start: int, success: float, unedited: float, **over) -> dict:
+    return {
+        **_row(image, "rf_solver" if editor == "prompt_swap" else "none", 1.0, 3.0, EIGHT, 20.0),
+        "editor": editor,
+        "editor_knobs": knobs,
+        "start_step": start,
+        "edit_success": success,
+        "psnr_unedited": unedited,
+        "ssim_unedited": unedited / 50,
+        "nfe": 90 if editor == "prompt_swap" else 32,
+        **over,
+    }
+
+
+def test_the_flow_editing_preset_nests_seeds_pairs_on_images_and_draws_a_trade_off(tmp_path):
+    """Prompt swap (one seed) against FlowEdit (two seeds per image, in one job): the table counts rows, the
+    paired difference pairs each image's seed mean with its prompt-swap row, the figure is drawn; KV-Edit
+    given the masks (another protocol) is shown apart and never paired."""
+    sweep, images = tmp_path / "sweep", ("one", "two", "three")
+    swap = [_edit_row(im, "prompt_swap", "{}", 0, 1.0, 20.0 + n) for n, im in enumerate(images)]
+    knobs = '{"n_max": 8}'
+    flow = [
+        _edit_row(im, "flowedit", knobs, 0, float(seed == 0), 30.0 + n + 2 * seed, seed=seed)
+        for n, im in enumerate(images)
+        for seed in (0, 1)
+    ]
+    masked = [  # the benchmark's masks as an input: another protocol, never paired with prompt swap
+        _edit_row(im, "kv_edit", '{"mask": "data"}', 0, 1.0, 40.0, protocol="input-masks") for im in images
+    ]
+    report = preset_report("flow_editing")
+    save_job(
+        sweep / "0", [{**r, "protocol": "score-only"} for r in swap], report, editor={"name": "prompt_swap"}
+    )
+    save_job(sweep / "1", [{**r, "protocol": "score-only"} for r in flow], report, editor={"name": "flowedit"})
+    save_job(sweep / "2", masked, report, editor={"name": "kv_edit"})
+    report = saved_report(sweep)
+    rows = study_rows(collect_results(sweep), report["rows"])
+    assert set(rows["setting"]) >= {"prompt_swap {} k=0 g=3", 'flowedit {"n_max": 8} k=0 g=3'}
+    shown, _ = study_table(rows, report["tables"][0], Bootstrap(resamples=200), "t")
+    assert shown.set_index("editor").loc["flowedit", "n"] == "6"  # three images × two seeds
+    assert shown.set_index("editor").loc["kv_edit", "protocol"] == "input-masks"  # shown apart
+    paired, _ = study_table(rows, report["tables"][1], Bootstrap(resamples=200), "p")
+    assert not paired["arm − baseline"].str.startswith("kv_edit").any()  # no pair across protocols
+    psnr = paired[paired["metric"] == "psnr_unedited"].iloc[0]
+    assert psnr["pairs"] == "3" and psnr["difference [95% CI]"].startswith("11.000")  # 30 + 1 (seed mean) − 20
+    success = paired[paired["metric"] == "edit_success"].iloc[0]
+    assert success["difference [95% CI]"].startswith("-0.500")  # half the seeds succeed
+    assert draw(sweep, tmp_path / "docs") == 0
+    assert (tmp_path / "docs" / "figures" / "flow_editing_pareto.png").stat().st_size > 5_000

@@ -116,7 +116,7 @@ def _complete_pipeline(folder: Path | None, skip: tuple[str, ...] = ()) -> Path 
 
 def model_items(cfg: DictConfig) -> list[Item]:
     """What the model config needs."""
-    from ddim_lab.models.sources import SCHEDULER_CONFIG, shipped_model_dir
+    from ddim_lab.models.sources import SCHEDULER_CONFIG, SHIPPED, shipped_model_dir
 
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     source = spec["source"]
@@ -152,8 +152,8 @@ def model_items(cfg: DictConfig) -> list[Item]:
                 fetch,
             )
         ]
-    if source in ("digits", "digits-flow"):
-        shipped = shipped_model_dir("digits-ldm" if source == "digits" else "digits-flow")
+    if source in SHIPPED:
+        shipped = shipped_model_dir(SHIPPED[source])
         return [Item("shipped model", source, lambda: _complete_pipeline(_existing(shipped)), None)]
     if source == "local":
         return [

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_lab.config.compose import FLOW_FAMILIES, as_list, config_family
+from ddim_lab.config.compose import FLOW_FAMILIES, as_list, known_family
 from ddim_lab.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and diffusers load when a cost is computed, not when the CLI checks its input
@@ -90,7 +90,7 @@ def row_cost(
     cost = inverter.inversion_cost(plan, artifact, point.guidance, inverting)
     if uses_pivot(inverter):
         cost += DDIMInversion().inversion_cost(plan, {}, 1.0, inverting)
-    return cost + editor.trajectory_cost(inverter, plan, point.start, cost_guidance(point.guidance), point.edit)
+    return cost + editor.charged(inverter, plan, point.start, point.guidance, point.edit, cost_guidance)
 
 
 def grid_rows(cfg: DictConfig) -> list[RowPoint]:
@@ -157,16 +157,8 @@ def chosen_steps(
 
 # -- before any model loads: the config alone -----------------------------------------------------------------
 def is_flow_model(model: DictConfig) -> bool:
-    """Whether ``cfg.model`` is a flow model, without loading it: its config's family
-    (``ddim_lab.config.compose.config_family``), else (``model=local``) its directory's ``model_index.json``."""
-    family = config_family(model)
-    if family is None:
-        from ddim_lab.models.families import model_family
-        from ddim_lab.models.sources import model_dir
-
-        spec = OmegaConf.to_container(model, resolve=True)
-        family = model_family(spec, model_dir(spec, ""))
-    return family in FLOW_FAMILIES
+    """Whether ``cfg.model`` is a flow model, without loading it (``ddim_lab.config.compose.known_family``)."""
+    return known_family(model) in FLOW_FAMILIES
 
 
 def embedded_guidance(spec: Mapping[str, Any]) -> bool:

@@ -3,6 +3,7 @@ config group, and small readers of composed values shared by the checks (``valid
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from collections.abc import Sequence
@@ -43,8 +44,10 @@ def group_options(group: str, kind: str = "") -> list[str]:
     return sorted(options)
 
 
+@functools.cache
 def help_options(group: str, kind: str = "") -> str:
-    """``group_options`` as `--help` shows them: the default marked, wrapped under the first line's column."""
+    """``group_options`` as `--help` shows them: the default marked, wrapped under the first line's column.
+    Cached: Hydra resolves the help text on every compose, and the config files do not change in a process."""
     defaults = {}
     for entry in OmegaConf.load(config_dir() / "config.yaml").get("defaults", []):
         if isinstance(entry, DictConfig):
@@ -88,6 +91,23 @@ def config_family(model: DictConfig) -> str | None:
     if family:
         return str(family)
     return None if model.get("source") == "local" else "sd"
+
+
+def known_family(model: DictConfig) -> str | None:
+    """``config_family``, else (``model=local``) the family its directory's model_index.json names; None
+    when that cannot be read (the loaded model tells)."""
+    family = config_family(model)
+    if family is not None:
+        return family
+    from ddim_lab.models.errors import ModelUnavailable
+    from ddim_lab.models.families import model_family
+    from ddim_lab.models.sources import model_dir
+
+    spec = OmegaConf.to_container(model, resolve=True)
+    try:
+        return model_family(spec, model_dir(spec, ""))
+    except (ModelUnavailable, ValueError):
+        return None
 
 
 def job_environment() -> dict[str, str]:

@@ -48,6 +48,7 @@ class DataSchema:
     categories: list[Any] | None = None  # PIE-Bench-format data: editing types to keep (None = all)
     captions: bool = True  # false: ignore the images' captions, every image's source prompt is `prompt`
     scorers: list[str] = field(default_factory=list)  # the data set's row scores: names or "module:Class"
+    edit_prompt: str | None = None  # task=edit's target when edit_prompt is not given (digits: into an eight)
 
 
 @dataclass
@@ -148,6 +149,8 @@ class StudyFigureSchema:
     panels: str | None = None
     where: dict[str, Any] = field(default_factory=dict)
     bands: bool = True
+    xbars: bool = False  # x a column's mean: its interval as horizontal bars (a trade-off plot)
+    front: bool = False  # mark the Pareto front of each panel's points (better on both axes)
     annotate: str | None = None
     styles: str | None = None  # a line style per value of this column
     marks: str | None = None  # grey vertical lines at this column's values

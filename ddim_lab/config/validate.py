@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ddim_lab.config.budget import budget_steps, check_budget_input
-from ddim_lab.config.compose import FLOW_FAMILIES, as_list, config_family
+from ddim_lab.config.compose import FLOW_FAMILIES, as_list, config_family, known_family
 from ddim_lab.config.control_checks import check_control
 from ddim_lab.config.report_spec import check_report
 from ddim_lab.errors import ConfigError
@@ -87,6 +87,11 @@ def validate(cfg: DictConfig) -> None:
     for k in starts:
         if not isinstance(k, int) or isinstance(k, bool):
             raise ConfigError(f"start_step={k!r} must be an integer in [0, num_steps={n})")
+        if n == 1 and k != 0 and not budgeted:
+            raise ConfigError(
+                f"start_step={k}: at num_steps=1 the one sampling step starts from the fully inverted latent"
+                " (the top timestep, t=999 with trailing spacing), so start_step must be 0"
+            )
     if cfg.eta < 0:
         raise ConfigError(f"eta={cfg.eta!r} must be >= 0")
     seeds = as_list(cfg.seed)
@@ -173,23 +178,6 @@ def check_editor_fits(editor: str, model: str, family: str | None) -> None:
         )
 
 
-def known_family(model: DictConfig) -> str | None:
-    """``config_family``, else (``model=local``) the family its directory's model_index.json names; None
-    when that cannot be read (the loaded model tells)."""
-    family = config_family(model)
-    if family is not None:
-        return family
-    from ddim_lab.models.errors import ModelUnavailable
-    from ddim_lab.models.families import model_family
-    from ddim_lab.models.sources import model_dir
-
-    spec = OmegaConf.to_container(model, resolve=True)
-    try:
-        return model_family(spec, model_dir(spec, ""))
-    except (ModelUnavailable, ValueError):
-        return None
-
-
 def check_inverter_fits(inverter: Any, model: DictConfig) -> None:
     """Raise ConfigError when a flow-model knob of the inverter is set for a UNet model: ``inverter.time``
     (where RF-Inversion's inversion evaluates the flow model)."""
@@ -260,6 +248,11 @@ def check_editor(cfg: DictConfig) -> None:
         raise ConfigError(
             f"inverter=none inverts nothing, and editor={editor.name} samples from an inverted latent: use"
             " editor=sdedit or editor=flowedit, or an inverter"
+        )
+    if getattr(editor, "requires_data_mask", False) and not _annotated(cfg):
+        raise ConfigError(
+            f"editor={editor.name} mask=data needs the data's edit masks; data.path={cfg.data.path} has none"
+            " (no mapping_file.json): use editor.mask=derived (a mask from the prompts) or PIE-format data"
         )
     family = config_family(cfg.model)
     if editor.flow_only and family is not None and family not in FLOW_FAMILIES:

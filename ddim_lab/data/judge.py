@@ -23,7 +23,8 @@ from ddim_lab.data import digits
 from ddim_lab.data.scoring import ScoreBatch, Scorer, ScoringContext
 
 SCAN_SIZE = 8
-JUDGED_SOURCES = ("digits", "digits-flow")  # models trained on the digits captions: the judge applies
+# models trained on the digits captions: the judge applies
+JUDGED_SOURCES = ("digits", "digits-flow", "digits-lcm")
 
 
 def to_scan(images: torch.Tensor) -> np.ndarray:

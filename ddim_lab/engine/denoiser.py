@@ -1,4 +1,5 @@
-"""Denoiser adapters: a diffusers UNet as the ``denoiser(x, t, cond) -> ε`` of ``ddim_lab.engine.ddim``.
+"""Denoiser adapters: a diffusers UNet (SD 1.x/2.x, and SDXL with its pooled embedding and time ids) as the
+``denoiser(x, t, cond) -> ε`` of ``ddim_lab.engine.ddim``.
 
 Classifier-free guidance and the prediction type (ε, v, x_0) live here, so the DDIM loops never know which
 network they call. Any object with the same call signature works in their place.
@@ -107,9 +108,19 @@ class UNetDenoiser:
         self.unet_evals = 0
         self.unet_backwards = 0
 
-    def _network(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, cond: Conditioning, rows):
+    def _network(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        cond: Conditioning,
+        rows: torch.Tensor,
+        added: dict[str, torch.Tensor] | None = None,
+    ):
         dtype = self.unet.dtype
         kwargs = {}
+        added = None if added is None else {k: v.to(dtype) for k, v in added.items()}
+        extra = {} if added is None else {"added_cond_kwargs": added}  # SDXL only: any UNet-like net works
         if self.controlnet is not None:
             if "control" not in cond.extra:
                 raise ValueError("a ControlNet needs the rows' control images in cond.extra['control']")
@@ -120,9 +131,10 @@ class UNetDenoiser:
                 controlnet_cond=cond.extra["control"][rows].to(dtype),
                 conditioning_scale=self.controlnet_scale,
                 return_dict=False,
+                **extra,
             )
             kwargs = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        out = self.unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype), **kwargs).sample
+        out = self.unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype), **extra, **kwargs).sample
         self.unet_evals += len(x)
         return out.to(x.dtype)
 
@@ -131,10 +143,11 @@ class UNetDenoiser:
         g = cond.guidance.to(x.device, x.dtype)  # (B,)
         # 1. rows that need the prompt branch and rows that need the null branch
         use_text, use_null = cfg_branches(cond, g)
-        # 2. one UNet call over both branches
+        # 2. one UNet call over both branches (SDXL: each branch's pooled embedding and time ids beside)
         rows = torch.cat([use_text, use_null])
         embeds = stack_branches(cond.text, cond.null, use_text, use_null)
-        out = self._network(x[rows], t[rows], embeds, cond, rows)
+        added = added_conditions(self.unet, cond, use_text, use_null)
+        out = self._network(x[rows], t[rows], embeds, cond, rows, added)
         # 3. (ε, x̂₀) at each row's timestep, then classifier-free guidance: ε̃ = ε_∅ + g (ε_c − ε_∅)
         alpha = self.alphas_cumprod[t[rows].cpu()].to(x.device)
         eps, x0 = split_prediction(out, x[rows], alpha, self.prediction_type)
@@ -144,6 +157,27 @@ class UNetDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x (B, C, H, W), t (B,) → guided ε (B, C, H, W)."""
         return self.predict(x, t, cond).eps
+
+
+# SDXL's added conditions (UNet ``addition_embed_type="text_time"``): UNet argument → ``cond.extra`` key; the
+# null branch reads ``null_<key>`` (``ddim_lab.models.sdxl``)
+ADDED_CONDITIONS = {"text_embeds": "pooled", "time_ids": "time_ids"}
+
+
+def added_conditions(
+    unet: torch.nn.Module, cond: Conditioning, use_text: torch.Tensor, use_null: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """``added_cond_kwargs`` of a UNet with SDXL's micro-conditioning, stacked per branch like the prompt
+    embeddings: ``text_embeds`` (b, P) the pooled embeddings, ``time_ids`` (b, 6); None for other UNets."""
+    if getattr(getattr(unet, "config", None), "addition_embed_type", None) != "text_time":
+        return None
+    missing = [k for k in ADDED_CONDITIONS.values() if k not in cond.extra]
+    if missing:
+        raise ValueError(f"an SDXL UNet needs cond.extra[{missing[0]!r}] (SDXLModel.conditioning gives it)")
+    return {
+        name: stack_branches(cond.extra[key], cond.extra.get(f"null_{key}"), use_text, use_null)
+        for name, key in ADDED_CONDITIONS.items()
+    }
 
 
 def cfg_branches(cond: Conditioning, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,11 +76,14 @@ class FoldedJointAttnProcessor:
 
     The same projections, QK-norms and output maps as diffusers' ``JointAttnProcessor2_0``; the only change is
     an additive logit bias (1, 1, 1, N_image + S_context): 0 on the image tokens, ``log_counts`` on the
-    context keys, passed to ``scaled_dot_product_attention`` as ``attn_mask``.
+    context keys, passed to ``scaled_dot_product_attention`` as ``attn_mask``. ``log_counts=None`` folds
+    nothing (zero bias on any context). An ``attention_mask`` given to the call, an additive logit bias
+    (b | 1, 1, 1, N_image + S_context) over [image; context] keys, adds to it (an editor's key bias, such as
+    ``kv_edit``'s; the stock processor ignores ``attention_mask``).
     """
 
-    def __init__(self, log_counts: torch.Tensor) -> None:
-        self.log_counts = log_counts  # (S_context,)
+    def __init__(self, log_counts: torch.Tensor | None = None) -> None:
+        self.log_counts = log_counts  # (S_context,), or None: no fold
 
     def __call__(
         self,
@@ -90,12 +93,13 @@ class FoldedJointAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None or encoder_hidden_states is None:
-            raise ValueError("the folded joint attention takes a context and no attention_mask")
+        if encoder_hidden_states is None:
+            raise ValueError("the folded joint attention takes a context")
         B, N = hidden_states.shape[:2]  # image rows and tokens
         S = encoder_hidden_states.shape[1]  # kept context tokens
-        if len(self.log_counts) != S:
-            raise ValueError(f"{S} context tokens but {len(self.log_counts)} log-counts")
+        log_counts = torch.zeros(S, dtype=torch.float64) if self.log_counts is None else self.log_counts
+        if len(log_counts) != S:
+            raise ValueError(f"{S} context tokens but {len(log_counts)} log-counts")
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # (B, T, h·d) → (B, h, T, d)
             return x.view(B, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
@@ -114,7 +118,9 @@ class FoldedJointAttnProcessor:
         if attn.norm_added_k is not None:
             ck = attn.norm_added_k(ck)
         # 2. softmax(q kᵀ/√d + b) v over [image; context] keys, b = [0…0; log_counts]      (Eq. 1)
-        bias = F.pad(self.log_counts.to(q.device, q.dtype), (N, 0)).view(1, 1, 1, N + S)
+        bias = F.pad(log_counts.to(q.device, q.dtype), (N, 0)).view(1, 1, 1, N + S)
+        if attention_mask is not None:  # an editor's additive key bias (b | 1, 1, 1, N + S)
+            bias = bias + attention_mask.to(q.device, q.dtype)
         out = F.scaled_dot_product_attention(
             torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2), attn_mask=bias
         )  # (B, h, N + S, d)
@@ -132,10 +138,17 @@ def joint_attentions(transformer: torch.nn.Module) -> list[Attention]:
 
 
 def can_fold(transformer: torch.nn.Module) -> bool:
-    """Whether every joint attention runs diffusers' stock ``JointAttnProcessor2_0``: another processor (an
-    editor's, an IP-adapter's) may mix tokens differently, so the fold only replaces the stock one."""
+    """Whether every joint attention runs diffusers' stock ``JointAttnProcessor2_0`` or the unfolded
+    ``FoldedJointAttnProcessor()`` (the stock one with an editor's key bias, which the folded one honours
+    too): another processor (an IP-adapter's) may mix tokens differently, so the fold only replaces these."""
+
+    def plain(p: object) -> bool:
+        return type(p) is JointAttnProcessor2_0 or (
+            type(p) is FoldedJointAttnProcessor and p.log_counts is None
+        )
+
     attns = joint_attentions(transformer)
-    return bool(attns) and all(type(a.processor) is JointAttnProcessor2_0 for a in attns)
+    return bool(attns) and all(plain(a.processor) for a in attns)
 
 
 @contextmanager

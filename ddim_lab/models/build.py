@@ -1,7 +1,8 @@
 """Build a diffusers pipeline from architecture configs, with seeded random weights.
 
-``arch.family`` picks the pipeline: ``sd`` (default; ``StableDiffusionPipeline``), ``sd3``
-(``StableDiffusion3Pipeline``: two CLIP encoders with projection, T5 optional) or ``flux``
+``arch.family`` picks the pipeline: ``sd`` (default; ``StableDiffusionPipeline``), ``sdxl``
+(``StableDiffusionXLPipeline``: two CLIP encoders, the second with projection, and a ``text_time`` UNet),
+``sd3`` (``StableDiffusion3Pipeline``: two CLIP encoders with projection, T5 optional) or ``flux``
 (``FluxPipeline``: CLIP for the pooled embedding, T5 for the sequence). Used for the `tiny` and `tiny-flow`
 plumbing models, the SD-1.5-sized timing model, and as the initial state of the shipped digits models before
 training. The result is saved with ``save_pretrained`` and loaded back through the same ``from_pretrained``
@@ -53,9 +54,9 @@ BUILD_PACKAGES = ("torch", "diffusers", "transformers")
 
 
 def build_pipeline(arch: Mapping[str, Any], words: Iterable[str], seed: int = 0):
-    """A random-weight pipeline of ``arch.family`` (``sd``, ``sd3``, ``flux``); ``words`` become single tokens
-    of the offline tokenizers. Only that family's classes are imported."""
-    builders = {"sd": _build_sd, "sd3": _build_sd3, "flux": _build_flux}
+    """A random-weight pipeline of ``arch.family`` (``sd``, ``sdxl``, ``sd3``, ``flux``); ``words`` become
+    single tokens of the offline tokenizers. Only that family's classes are imported."""
+    builders = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux}
     family = arch.get("family", "sd")
     if family not in builders:
         raise ValueError(f"arch.family={family!r} must be one of {', '.join(builders)}")
@@ -154,6 +155,28 @@ def _build_sd(pipeline: type, arch: Mapping[str, Any], words: list[str]):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(pipeline: type, arch: Mapping[str, Any], words: list[str]):
+    """``unet`` (``addition_embed_type: text_time``; cross_attention_dim = the two hidden sizes summed,
+    projection_class_embeddings_input_dim = 6 × addition_time_embed_dim + text_encoder_2's projection_dim),
+    ``vae``, ``text_encoder`` (CLIPTextModel), ``text_encoder_2`` (CLIPTextModelWithProjection), optional
+    ``scheduler`` and ``force_zeros_for_empty_prompt`` (default true, as SDXL 1.0)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_tokenizer(words), build_tokenizer(words)
+    return pipeline(
+        vae=AutoencoderKL(**_tuples(arch["vae"])),
+        text_encoder=CLIPTextModel(_clip_config(arch["text_encoder"], tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(arch["text_encoder_2"], tokenizer_2)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel(**_tuples(arch["unet"])),
+        scheduler=DDIMScheduler(**{**SD_SCHEDULER, **dict(arch.get("scheduler", {}))}),
+        force_zeros_for_empty_prompt=bool(arch.get("force_zeros_for_empty_prompt", True)),
+        add_watermarker=False,
     )
 
 

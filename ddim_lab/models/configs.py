@@ -16,7 +16,7 @@ from ddim_lab.engine.flow import flow_scheduler
 from ddim_lab.engine.schedule import ddim_scheduler
 from ddim_lab.models.build import FLOW_SCHEDULER, SD_SCHEDULER
 from ddim_lab.models.errors import ModelUnavailable
-from ddim_lab.models.families import model_family
+from ddim_lab.models.families import UNET_FAMILIES, model_family
 from ddim_lab.models.sources import (
     SCHEDULER_CONFIG,
     cached_hub_file,
@@ -38,7 +38,7 @@ def load_scheduler_config(spec: Mapping[str, Any], cache_dir: str | os.PathLike 
     source = spec["source"]
     if source == "build":
         arch = spec.get("arch") or {}
-        if arch.get("family", "sd") == "sd":
+        if arch.get("family", "sd") in UNET_FAMILIES:
             return {**SD_SCHEDULER, **dict(arch.get("scheduler") or {})}
         return {"_class_name": FLOW_SCHEDULER_CLASS, **FLOW_SCHEDULER, **dict(arch.get("scheduler") or {})}
     if source == "hub":

@@ -1,4 +1,5 @@
 """The model families and their diffusers pipelines: ``sd`` (``StableDiffusionPipeline``: a UNet, DDIM
+schedules), ``sdxl`` (``StableDiffusionXLPipeline``: a UNet with two text encoders and micro-conditioning, DDIM
 schedules), and the rectified-flow families ``sd3`` (``StableDiffusion3Pipeline``) and ``flux``
 (``FluxPipeline``). A model's family comes from its config's ``family`` key or from the ``_class_name`` in its
 directory's ``model_index.json``."""
@@ -14,13 +15,19 @@ from typing import Any
 from ddim_lab.models.errors import BrokenInstall, ModelUnavailable, broken_install_message
 
 # family → its diffusers pipeline class, imported only when a model of that family loads (pipeline_class)
-PIPELINES = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+PIPELINES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+UNET_FAMILIES = ("sd", "sdxl")  # the families whose network is a UNet (LatentModel, UNetDenoiser)
 FAMILY_OF_PIPELINE = {name: family for family, name in PIPELINES.items()}
 
 
 def pipeline_class(family: str) -> type:
-    """The diffusers pipeline class of ``family`` (``sd``, ``sd3``, ``flux``), imported now: one family's
-    import never runs for another family's model. An import failure raises BrokenInstall, one line."""
+    """The diffusers pipeline class of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``), imported now: one
+    family's import never runs for another family's model. An import failure raises BrokenInstall, one line."""
     name = PIPELINES[family]
     try:
         return getattr(import_module("diffusers"), name)
@@ -29,7 +36,8 @@ def pipeline_class(family: str) -> type:
 
 
 def model_family(spec: Mapping[str, Any], path: Path) -> str:
-    """``sd``, ``sd3`` or ``flux``: the config's ``family`` key, else the pipeline class in model_index.json."""
+    """``sd``, ``sdxl``, ``sd3`` or ``flux``: the config's ``family`` key, else the pipeline class in
+    model_index.json."""
     if spec.get("family"):
         if spec["family"] not in PIPELINES:
             raise ValueError(f"model.family={spec['family']!r} must be one of {', '.join(PIPELINES)}")

@@ -15,6 +15,7 @@ from ddim_lab.engine.denoiser import Conditioning, UNetDenoiser
 from ddim_lab.engine.flow import flow_scheduler
 from ddim_lab.engine.flow_denoiser import FlowDenoiser
 from ddim_lab.engine.schedule import ddim_scheduler
+from ddim_lab.errors import ConfigError
 
 
 @dataclass
@@ -68,7 +69,8 @@ class LatentModel:
         """Images (B, 3, R, R) in [0, 1] → latents (B, C, R/f, R/f): (posterior mean − shift) × scale."""
         vae = self.pipe.vae
         x = (images * 2 - 1).to(self.device, vae.dtype)
-        return ((vae.encode(x).latent_dist.mean - self.shift_factor) * self.scaling_factor).float()
+        latents = ((vae.encode(x).latent_dist.mean - self.shift_factor) * self.scaling_factor).float()
+        return check_finite(latents, "encode", vae.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -78,7 +80,7 @@ class LatentModel:
         out = []
         for part in latents.split(chunk):
             x = vae.decode((part / self.scaling_factor + self.shift_factor).to(self.device, vae.dtype)).sample
-            out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+            out.append(((check_finite(x, "decode", vae.dtype).float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -97,6 +99,10 @@ class LatentModel:
                 self._embeds[p] = {k: v[j].float() for k, v in parts.items()}
         return {k: torch.stack([self._embeds[p][k] for p in prompts]) for k in self._embeds[prompts[0]]}
 
+    def null_parts(self, negative_prompt: str, rows: int) -> dict[str, torch.Tensor]:
+        """The null branch's encoding, ``rows`` times: the negative prompt's (SDXL: zeros for an empty one)."""
+        return self.prompt_parts([negative_prompt] * rows)
+
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (B, L, D) for prompts (L = 77 for Stable Diffusion)."""
         return self.prompt_parts(prompts)["text"]
@@ -112,7 +118,7 @@ class LatentModel:
         embeddings, and every further part of the encoding in ``extra`` (``pooled`` / ``null_pooled`` for
         flow models) beside the caller's own ``extra`` (a ControlNet's control images)."""
         text = self.prompt_parts(prompts)
-        null = self.prompt_parts([negative_prompt] * len(prompts))
+        null = self.null_parts(negative_prompt, len(prompts))
         parts = {k: v for k, v in text.items() if k != "text"}
         parts.update({f"null_{k}": v for k, v in null.items() if k != "text"})
         return Conditioning(
@@ -133,6 +139,18 @@ class LatentModel:
             controlnet=self.controlnet,
             controlnet_scale=self.controlnet_scale,
         )
+
+
+def check_finite(x: torch.Tensor, where: str, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (the VAE's output of ``where``: encode or decode) when finite; else ConfigError, one line naming
+    ``runtime.vae_fp32`` (SDXL's VAE overflows in float16)."""
+    if not bool(torch.isfinite(x).all()):
+        hint = "set runtime.vae_fp32=true" if dtype != torch.float32 else "the weights or inputs are broken"
+        raise ConfigError(
+            f"the VAE ({str(dtype).removeprefix('torch.')}) gave non-finite values on {where} (a half-precision"
+            f" VAE overflows, SDXL's among them): {hint} (runtime.vae_fp32 keeps the VAE in fp32)"
+        )
+    return x
 
 
 class FlowModel(LatentModel):

@@ -1,8 +1,8 @@
 """Where a model lives, per its config's ``source``: ``hub`` (a model id, from the local Hugging Face cache or
-the network), ``local`` (a diffusers directory), ``digits`` / ``digits-flow`` (the models shipped inside this
-package), ``build`` (random weights from committed architecture configs, saved once and loaded back like any
-other model). ControlNets have the same sources (``digits``: the shipped digits ControlNet). A model that cannot
-be had here raises ModelUnavailable with the way to provide it."""
+the network), ``local`` (a diffusers directory), ``digits`` / ``digits-flow`` / ``digits-lcm`` (the models
+shipped inside this package), ``build`` (random weights from committed architecture configs, saved once and
+loaded back like any other model). ControlNets have the same sources (``digits``: the shipped digits
+ControlNet). A model that cannot be had here raises ModelUnavailable with the way to provide it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from ddim_lab.models.errors import ModelUnavailable
 log = logging.getLogger(__name__)
 
 HUB_HOST = ("huggingface.co", 443)
-SHIPPED = {"digits": "digits-ldm", "digits-flow": "digits-flow"}  # source → folder under ddim_lab/assets
+# source → folder under ddim_lab/assets
+SHIPPED = {"digits": "digits-ldm", "digits-flow": "digits-flow", "digits-lcm": "digits-lcm"}
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
@@ -32,8 +33,8 @@ def plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shipped_model_dir(name: str = "digits-ldm") -> Path:
-    """A model inside the installed package: the digits UNet model (``digits-ldm``) or its flow twin
-    (``digits-flow``)."""
+    """A model inside the installed package: the digits UNet model (``digits-ldm``), its flow twin
+    (``digits-flow``) or its few-step distillation (``digits-lcm``)."""
     return Path(str(resources.files("ddim_lab") / "assets" / name))
 
 

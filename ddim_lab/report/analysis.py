@@ -142,11 +142,14 @@ def _unrecorded_cached_costs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """``df`` with the inversion costs of cached rows that record 0 made missing, and how many there were.
 
     Tables written before cached inversions carried their formula cost record 0 for them; every inversion
-    costs at least one evaluation, so a 0 there means "not recorded", never "free"."""
+    costs at least one evaluation, so a 0 there means "not recorded", never "free" — except ``inverter=none``
+    (the clean latent: no inversion), whose 0 is its cost."""
     cost = "inversion_unet_evals"
     if CACHED not in df.columns or cost not in df.columns:
         return df, 0
     zero = df[CACHED].astype("boolean").fillna(False) & pd.to_numeric(df[cost], errors="coerce").eq(0)
+    if "inverter" in df.columns:
+        zero &= df["inverter"].astype(str).ne("none")
     zero = zero.fillna(False).astype(bool)
     if not zero.any():
         return df, 0

@@ -7,7 +7,10 @@ One panel per ``y`` metric (rows of panels) and per value of ``panels`` (columns
    ``x`` when ``x`` is the key the line runs along, else the mean of column ``x`` (a cost such as ``nfe``);
 2. a line per ``lines`` combination through its points in x order, its interval as a band, one colour per
    line across panels, a line style per value of ``styles``;
-3. grey verticals at the values of ``marks``; the VAE ceiling (``figures.CEILINGS``) on PSNR.
+3. grey verticals at the values of ``marks``; the VAE ceiling (``figures.CEILINGS``) on PSNR;
+4. a trade-off plot (x a metric such as ``edit_success``): ``xbars`` draws both intervals as bars (with
+   ``bands: false``); ``front`` joins the panel's Pareto front (points no other point beats on both axes,
+   each axis by its better direction).
 
 The PNG carries no software or time stamp, so its bytes depend only on the rows (and the plotting library).
 """
@@ -21,10 +24,10 @@ import numpy as np
 import pandas as pd
 
 from ddim_lab.config.report_spec import fill_template
-from ddim_lab.report.figures import CEILINGS, LINESTYLES
+from ddim_lab.report.figures import CEILINGS, LINESTYLES, pareto_front
 from ddim_lab.report.stats import Bootstrap, group_intervals
 from ddim_lab.report.text import short_value
-from ddim_lab.schema import label
+from ddim_lab.schema import BY_NAME, PROTOCOL, label
 from ddim_lab.study.records import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,22 @@ def _line_name(keys: list[str], values: tuple) -> str:
     return " / ".join(short_value(k, v) for k, v in zip(keys, values, strict=True)) or "all"
 
 
+def _better_up(column: str) -> float:
+    """+1 where a larger value is better, −1 where smaller is (LPIPS); +1 for a column the schema lacks."""
+    return -1.0 if column in BY_NAME and BY_NAME[column].lower_is_better else 1.0
+
+
+def _draw_front(ax, part: pd.DataFrame, x_col: str, x: str, metric: str) -> None:
+    """Step 4: the Pareto front of one panel's points, a dotted black line in x order."""
+    pts = part.dropna(subset=[x_col, f"{metric}_mean"])
+    if pts.empty:
+        return
+    xs, ys = pts[x_col].to_numpy(float), pts[f"{metric}_mean"].to_numpy(float)
+    keep = pareto_front(_better_up(x) * xs, _better_up(metric) * ys)
+    order = np.argsort(xs[keep], kind="stable")
+    ax.plot(xs[keep][order], ys[keep][order], color="black", lw=1, ls=":", label="Pareto front")
+
+
 def study_figure(rows: pd.DataFrame, spec: dict, settings: Bootstrap, path: Path, where: str) -> Path | None:
     """Draw one declared figure from ``rows`` into ``path``; None (with a warning) when no metric has values."""
     import matplotlib
@@ -55,6 +74,8 @@ def study_figure(rows: pd.DataFrame, spec: dict, settings: Bootstrap, path: Path
     along, lines, panel_key = spec["along"] or spec["x"], list(spec["lines"]), spec["panels"]
     keys = [*([panel_key] if panel_key else []), *lines, along]
     keys += [spec["annotate"]] if spec["annotate"] and spec["annotate"] not in keys else []
+    if PROTOCOL in rows.columns and rows[PROTOCOL].dropna().astype(str).nunique() > 1 and PROTOCOL not in keys:
+        keys.append(PROTOCOL)  # a point never pools protocols
     x_col = "__x" if spec["x"] == along else f"{spec['x']}_mean"
     points = group_intervals(rows, keys, [*metrics, *([] if spec["x"] == along else [spec["x"]])], settings)
     points["__x"] = pd.to_numeric(points[along], errors="coerce").astype("float64")
@@ -97,9 +118,17 @@ def study_figure(rows: pd.DataFrame, spec: dict, settings: Bootstrap, path: Path
                 ok = np.isfinite(low) & np.isfinite(high)
                 if spec["bands"] and ok.any():
                     ax.fill_between(x[ok], low[ok], high[ok], color=color, alpha=0.15, lw=0)
+                if spec.get("xbars") and x_col != "__x":  # both intervals as bars
+                    lo, hi = line[f"{spec['x']}_low"].to_numpy(float), line[f"{spec['x']}_high"].to_numpy(float)
+                    y = line[f"{metric}_mean"].to_numpy(float)
+                    xerr = np.nan_to_num(np.abs(np.vstack([x - lo, hi - x])))
+                    yerr = np.nan_to_num(np.abs(np.vstack([y - low, high - y])))
+                    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, alpha=0.5, capsize=2)
                 if spec["annotate"]:
                     for xv, yv, text in zip(x, line[f"{metric}_mean"], line[spec["annotate"]], strict=True):
                         ax.annotate(short_value(spec["annotate"], text), (xv, yv), fontsize=7, alpha=0.6)
+            if spec.get("front"):
+                _draw_front(ax, part, x_col, spec["x"], metric)
             if spec["marks"]:
                 for value in sorted(pd.to_numeric(raw[spec["marks"]], errors="coerce").dropna().unique()):
                     ax.axvline(float(value), color="0.85", lw=0.8, zorder=0)

@@ -7,7 +7,8 @@
   (:func:`ddim_lab.report.stats.paired_comparisons`): a row per comparison (``long``), or the levels side by
   side with their differences (``wide``).
 
-Each returns (shown, numbers): the markdown cells and the numbers behind them (the CSV).
+Each returns (shown, numbers): the markdown cells and the numbers behind them (the CSV). Where the rows hold
+several protocols, ``protocol`` joins ``group_by``: no cell pools protocols and no pair crosses them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ddim_lab.config.report_spec import (
 )
 from ddim_lab.report.stats import Bootstrap, group_intervals, paired_comparisons
 from ddim_lab.report.text import fmt, interval_cell, key_text
+from ddim_lab.schema import PROTOCOL
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +196,18 @@ def paired_wide(rows: pd.DataFrame, table: dict, settings: Bootstrap):
     return shown, numbers
 
 
+def with_protocol(rows: pd.DataFrame, table: dict) -> dict:
+    """``table`` grouped by ``protocol`` too where the rows hold several (say, an editor given the benchmark's
+    masks as input): rows of different protocols are never pooled, nor paired across."""
+    varies = PROTOCOL in rows.columns and rows[PROTOCOL].dropna().astype(str).nunique() > 1
+    if not varies or PROTOCOL in table["group_by"] or table.get("compare") == PROTOCOL:
+        return table
+    return {**table, "group_by": [*table["group_by"], PROTOCOL]}
+
+
 def study_table(rows: pd.DataFrame, table: dict, settings: Bootstrap, where: str):
-    """(shown, numbers) of one declared table."""
+    """(shown, numbers) of one declared table, never pooling protocols (:func:`with_protocol`)."""
+    table = with_protocol(rows, table)
     if table.get("kind", "groups") == "groups":
         return groups_table(rows, table, settings, where)
     if table.get("layout", "long") == "wide":

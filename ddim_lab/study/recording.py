@@ -103,8 +103,8 @@ class Recorder:
                     latent_mse=float(group.scores.latent_err[r]),
                     vae_psnr=float(vae_scores["psnr"][i]),
                     vae_lpips=float(vae_scores["lpips"][i]),
-                    unet_evals=editor.trajectory_cost(
-                        self.inverter, self.plan, p.start_step, cost_guidance(p.guidance), edit
+                    unet_evals=editor.charged(
+                        self.inverter, self.plan, p.start_step, p.guidance, edit, cost_guidance
                     ).forwards,
                     **editor.row_fields(),
                     inversion_unet_evals=cost.forwards,
@@ -170,13 +170,19 @@ class Recorder:
         }
 
 
-def protocol_for(items: list[Item], benchmark: str, resolution: int, lpips_net: str) -> Protocol | None:
+def protocol_for(
+    items: list[Item], benchmark: str, resolution: int, lpips_net: str, mask_use: str = "score-only"
+) -> Protocol | None:
     """The evaluation protocol of a run on annotated (PIE-Bench-format) data: what makes its numbers
-    comparable; None for other data."""
+    comparable (``mask_use="input"`` when the editor is given the data's masks); None for other data."""
     if not items or not all(isinstance(it, PieItem) for it in items):
         return None
     return Protocol.for_images(
-        [it.name for it in items], benchmark=benchmark, resolution=resolution, lpips_net=lpips_net
+        [it.name for it in items],
+        benchmark=benchmark,
+        resolution=resolution,
+        lpips_net=lpips_net,
+        mask_use=mask_use,
     )
 
 

@@ -276,7 +276,10 @@ class Runner:
         """The evaluation protocol of a run on annotated (PIE-Bench-format) data: what makes its numbers
         comparable; other data leaves it as it is."""
         benchmark = Path(str(self.data.path)).name
-        protocol = protocol_for(items, benchmark, self.model.resolution, self.metric_settings.lpips_net)
+        mask_use = "input" if self.editor.uses_data_mask else "score-only"  # e.g. kv_edit's PIE masks
+        protocol = protocol_for(
+            items, benchmark, self.model.resolution, self.metric_settings.lpips_net, mask_use
+        )
         if protocol is not None:
             self.protocol = protocol
 

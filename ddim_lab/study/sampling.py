@@ -93,6 +93,7 @@ class Sampler:
             target=targets,
             blended=[getattr(it, "blended_words", None) for it in row_items],
             tokenizer=getattr(self.model.pipe, "tokenizer", None),
+            masks=[getattr(it, "mask", None) for it in row_items],
         )
         before = denoiser.unet_evals
         out = editor.sample(
@@ -107,7 +108,7 @@ class Sampler:
         )
         self.tally.evals["sampling"] += denoiser.unet_evals - before
         for n, (_, _, p) in enumerate(rows):
-            self.tally.minimum += editor.trajectory_cost(
-                self.inverter, self.plan, p.start_step, cost_guidance(p.guidance), bool(batch.edit[n])
+            self.tally.minimum += editor.charged(
+                self.inverter, self.plan, p.start_step, p.guidance, bool(batch.edit[n]), cost_guidance
             )
         return out

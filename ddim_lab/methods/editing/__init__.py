@@ -1,6 +1,7 @@
 """Editors, one module each, behind one contract (``ddim_lab.methods.editing.base.Editor``): ``prompt_swap``
 (sample with the target prompt) and ``p2p`` (prompt-to-prompt attention control) on UNets; ``rf_edit``
-(RF-Solver-Edit's value sharing) and ``uni_edit`` (UniEdit-Flow's velocity fusion) on flow transformers.
+(RF-Solver-Edit's value sharing), ``uni_edit`` (UniEdit-Flow's velocity fusion) and ``kv_edit`` (KV-Edit's
+preserved background keys and values) on flow transformers.
 
 ``make_editor(cfg.editor)`` builds the editor a ``conf/editor/NAME.yaml`` names, with its knobs.
 """
@@ -23,6 +24,7 @@ EDITORS: dict[str, str] = {
     "flowedit": "ddim_lab.methods.editing.flowedit:FlowEdit",
     "rf_edit": "ddim_lab.methods.editing.rf_edit:RFEdit",
     "uni_edit": "ddim_lab.methods.editing.uni_edit:UniEdit",
+    "kv_edit": "ddim_lab.methods.editing.kv_edit:KVEdit",
 }
 
 

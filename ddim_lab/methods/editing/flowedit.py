@@ -30,12 +30,14 @@ g ∈ {0, 1}, else 2 rows (classifier-free guidance). With SD3's CFG that is 4 �
 reference's batch ``[src_uncond, src, tar_uncond, tar]`` per average, i.e. 2 · n_avg rows for each guided
 velocity of the pair. Deviation: the reference evaluates all four rows on the plain steps too (its source
 branch discarded); here only the target's e(g_tar) rows run. Embedded guidance (FLUX.1-dev) spends one row
-per velocity whatever g; the formula here assumes classifier-free guidance.
+per velocity whatever g (e = 1 for both, through ``Editor.charged``): 2 · n_avg rows per coupled step, the
+reference ``FlowEditFLUX``'s two single-row calls per average.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -135,6 +137,9 @@ class FlowEdit(Editor):
 
         out = march({"edit": x_src, "x": x_src}, N, step, first, batch_size, desc="flowedit", progress=progress)
         return out["edit"] if self.n_min == 0 else out["x"]
+
+    def for_costing(self, cost_guidance: Callable[[float], float]) -> FlowEdit:
+        return dataclasses.replace(self, source_guidance=cost_guidance(self.source_guidance))
 
     def trajectory_cost(self, inverter: Inverter, plan: Plan, start: int, guidance: float, edit: bool) -> Cost:
         N = plan.num_steps

@@ -1,6 +1,5 @@
 """Feature injection on flow transformers (SD3's joint blocks, FLUX's double- and single-stream blocks): the
-editor contract of attention-injection editors (``rf_edit``; ``kv_edit`` not yet), source and target in one
-call.
+editor contract of attention-injection editors (``rf_edit``, ``kv_edit``), source and target in one call.
 
 1. **Pairs.** As prompt-to-prompt on the UNet (``p2p``): each edit trajectory becomes an adjacent (source,
    target) pair of rows of one ``SampleRows``, the source sampling the source prompt on the inverter's
@@ -37,6 +36,7 @@ from ddim_lab.engine.ddim import Denoiser, Prediction, predict
 from ddim_lab.engine.denoiser import Conditioning, cfg_branches
 from ddim_lab.engine.schedule import Plan
 from ddim_lab.methods.editing import pairs
+from ddim_lab.methods.editing.base import WrappingDenoiser
 from ddim_lab.methods.editing.pairs import SOURCE, TARGET
 from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows
 
@@ -138,19 +138,13 @@ def step_index(plan: Plan, t: torch.Tensor) -> torch.Tensor:
     return (count - 1).clamp(min=0)
 
 
-class InjectingDenoiser:
+class InjectingDenoiser(WrappingDenoiser):
     """``base`` with the injection layout set around each call from the rows' tags (module docstring, 2.)."""
 
     def __init__(self, base: Denoiser, control: Injection, plan: Plan) -> None:
         self.base = base
         self.control = control
         self.plan = plan
-
-    def __getattr__(self, name: str) -> Any:  # counters, family, guidance: the base's
-        return getattr(self.base, name)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.predict(x, t, cond).eps
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Prediction:
         self.control.layout = self.layout(t, cond)
@@ -202,12 +196,14 @@ def sample_paired(
     eta: float = 0.0,
     batch_size: int | None = None,
     progress: bool = False,
+    wrap: Callable[[Denoiser, Injection], Denoiser] | None = None,
 ) -> tuple[torch.Tensor, SampleRows, torch.Tensor]:
     """Final latents of every paired row (sources included) with the hooks ``attach(control)`` installs (a
-    context manager), the paired rows, and each original row's position among them."""
+    context manager), the paired rows, and each original row's position among them. ``wrap(denoiser,
+    control)``: an editor's own denoiser inside the layout (it sees ``control.layout`` of each call)."""
     paired, take = pair_rows(rows)
     control = Injection()
-    wrapped = InjectingDenoiser(denoiser, control, plan)
+    wrapped = InjectingDenoiser(denoiser if wrap is None else wrap(denoiser, control), control, plan)
     chunk = None if not batch_size else max(2, batch_size - batch_size % 2)  # pairs stay in one chunk
     with attach(control):
         out = inverter.sample(wrapped, plan, paired, eta=eta, batch_size=chunk, progress=progress)

@@ -50,7 +50,7 @@ from ddim_lab.engine.denoiser import Conditioning, cfg_branches
 from ddim_lab.engine.schedule import Plan
 from ddim_lab.methods.editing.align import refine_map, replace_map, token_ids, word_tokens
 from ddim_lab.methods.editing.attention import AttentionControl, Layout, controlled
-from ddim_lab.methods.editing.base import Editor, EditPrompts
+from ddim_lab.methods.editing.base import Editor, EditPrompts, WrappingDenoiser
 from ddim_lab.methods.editing.blend import LocalBlend
 from ddim_lab.methods.editing.pairs import SINGLE, SOURCE, TARGET, pair_rows
 from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows
@@ -247,7 +247,7 @@ def replace_windows(cross: float, self_replace: float, steps: int) -> tuple[int,
     return int(cross * (steps + 1)), int(steps * self_replace)
 
 
-class PairedDenoiser:
+class PairedDenoiser(WrappingDenoiser):
     """``base`` with prompt-to-prompt control: before each UNet call the layout of its pairs is set from the
     rows' tags, after it the targets' predictions are blended with their sources' outside the mask."""
 
@@ -265,9 +265,6 @@ class PairedDenoiser:
         self.num_steps = plan.num_steps
         self.cross_steps, self.self_steps = steps
         self.blend = blend
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.predict(x, t, cond).eps
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Prediction:
         found = self.layout(t, cond, x.device)

@@ -21,7 +21,7 @@ runs FLUX.1-dev's embedded guidance 1). An edit costs its target and its source 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from ddim_lab.engine.ddim import Denoiser, Prediction, predict
 from ddim_lab.engine.denoiser import Conditioning
 from ddim_lab.engine.flow import sigma_of_timestep, to_flow, velocity, velocity_prediction
 from ddim_lab.engine.schedule import Plan
-from ddim_lab.methods.editing.base import Editor, EditPrompts
+from ddim_lab.methods.editing.base import Editor, EditPrompts, WrappingDenoiser
 from ddim_lab.methods.editing.injection import flow_transformer, paired_cost
 from ddim_lab.methods.inversion.base import Cost, Inverter, SampleRows
 
@@ -76,18 +76,12 @@ def stacked(a: Conditioning, b: Conditioning) -> Conditioning:
     return Conditioning(torch.cat([a.text, b.text]), null, torch.cat([a.guidance, b.guidance]), extra)
 
 
-class FusingDenoiser:
+class FusingDenoiser(WrappingDenoiser):
     """``base`` whose edit rows predict with the fused velocity (module docstring)."""
 
     def __init__(self, base: Denoiser, omega: float) -> None:
         self.base = base
         self.omega = omega
-
-    def __getattr__(self, name: str) -> Any:  # counters, family, guidance: the base's
-        return getattr(self.base, name)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.predict(x, t, cond).eps
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Prediction:
         if FUSE not in cond.extra or not bool(cond.extra[FUSE].any()):

@@ -29,7 +29,7 @@ is the reference's own setting, its Euler-ancestral scheduler with a fixed noise
 η = 1 with noise maps drawn once per image: inversion inverts each step with its map (Eq. 2 of
 ``fixed_point``) and sampling reuses the maps (no correction: GNRI's code has none).
 
-Deviations from the reference (measured in ``tests/test_reference_parity_ddim_family.py``): the reference
+Deviations from the reference (measured in ``tests/test_reference_parity_renoise_gnri.py``): the reference
 divides the Newton step by 64·64·4 = D for SDXL-Turbo at 512 px, a constant; here D is the latent's own size
 (the mean), the same number there. Where g̃ⁱ = x̃ⁱ exactly the reference divides by a zero gradient; here
 that element stays. The top step of a zero-terminal-SNR or flow plan (ᾱ = 0, σ = ∞) has no Euler
