@@ -25,6 +25,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
@@ -177,6 +179,93 @@ def save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class Run:
+    """A resumable training run's counters: the step reached, the seconds spent before this process, the
+    logged history."""
+
+    step: int = 0
+    elapsed_before: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def resume(cfg: DictConfig, state_path: Path, gen: torch.Generator, load: Callable[[dict], None]) -> Run:
+    """The run saved at ``state_path`` when ``cfg.resume`` (``load`` restores the models and optimiser from
+    the state), else a fresh one."""
+    if not (cfg.resume and state_path.exists()):
+        return Run()
+    state = torch.load(state_path, weights_only=False)
+    load(state)
+    gen.set_state(state["gen"])
+    log.info("resumed at step %d (%.0f s)", state["step"], state["seconds"])
+    return Run(state["step"], state["seconds"], state["history"])
+
+
+def run_steps(
+    run: Run,
+    cfg: DictConfig,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[], torch.Tensor],
+    after_step: Callable[[], None],
+    saved: Callable[[], dict],
+    state_path: Path,
+    gen: torch.Generator,
+    smoothing: float = 0.98,
+) -> dict:
+    """The training loop both digits scripts share: until ``train.steps`` or ``max_minutes`` (whichever is
+    ahead), one optimiser step on ``loss_fn()`` with the scheduled learning rate and gradient clipping, then
+    ``after_step()`` (an EMA update); logs, checkpoints ``saved()`` with the run's counters every
+    ``checkpoint_every`` steps and at the end (also after SIGTERM/SIGINT). Returns what happened."""
+    tc = cfg.train
+    stop, running, t0, first_step = StopFlag(), float("nan"), time.perf_counter(), run.step
+
+    def checkpoint() -> None:
+        seconds = run.elapsed_before + time.perf_counter() - t0
+        counters = {"step": run.step, "seconds": seconds, "history": run.history, "gen": gen.get_state()}
+        save_state(state_path, {**counters, **saved()})
+
+    while True:
+        elapsed = run.elapsed_before + time.perf_counter() - t0
+        progress = max(run.step / tc.steps, elapsed / (cfg.max_minutes * 60))
+        if progress >= 1 or stop.set:
+            break
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(tc, run.step, progress)
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        after_step()
+        run.step += 1
+        value = loss.item()
+        running = value if math.isnan(running) else smoothing * running + (1 - smoothing) * value
+        if run.step % cfg.log_every == 0 or run.step == 1:
+            run.history.append({"step": run.step, "loss": round(running, 6), "seconds": round(elapsed, 1)})
+            log.info(
+                "step %d/%d  loss %.6f  lr %.2e  progress %.3f  (%.0f s, %.3f s/step, load %.1f)",
+                run.step,
+                tc.steps,
+                running,
+                opt.param_groups[0]["lr"],
+                progress,
+                elapsed,
+                (time.perf_counter() - t0) / (run.step - first_step),
+                os.getloadavg()[0],
+            )
+        if run.step % tc.checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+    seconds = run.elapsed_before + time.perf_counter() - t0
+    return {
+        "steps_done": run.step,
+        "final_loss": running,
+        "train_seconds": round(seconds, 1),
+        "history": run.history,
+    }
+
+
 def flow_loss(
     pipe: StableDiffusion3Pipeline,
     data: dict[str, torch.Tensor],
@@ -216,68 +305,36 @@ def train(
     ids = pipe.tokenizer(digits.prompt_texts(), padding="max_length", truncation=True, return_tensors="pt")
     default_processors = pipe.transformer.attn_processors
     pipe.transformer.set_attn_processor(FoldedJointAttnProcessor(log_counts(cfg.text_length, cfg.t5_length)))
-    step, elapsed_before, history = 0, 0.0, []
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+
+    def load(state: dict) -> None:
         for name, model in models.items():
             model.load_state_dict(state["models"][name])
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"])
-        step, elapsed_before, history = state["step"], state["seconds"], state["history"]
-        log.info("resumed at step %d (%.0f s)", step, elapsed_before)
+
+    run = resume(cfg, state_path, gen, load)
     for model in models.values():
         model.train()
-    stop, running, t0, first_step = StopFlag(), float("nan"), time.perf_counter(), step
-
-    def checkpoint() -> None:
-        state = {
-            "step": step,
-            "seconds": elapsed_before + time.perf_counter() - t0,
-            "history": history,
+    stats = run_steps(
+        run,
+        cfg,
+        opt,
+        params,
+        lambda: flow_loss(pipe, data, ids.input_ids, tc, gen),
+        lambda: ema.step(params),
+        lambda: {
             "models": {name: model.state_dict() for name, model in models.items()},
             "opt": opt.state_dict(),
             "ema": ema.state_dict(),
-            "gen": gen.get_state(),
-        }
-        save_state(state_path, state)
-
-    while True:
-        elapsed = elapsed_before + time.perf_counter() - t0
-        progress = max(step / tc.steps, elapsed / (cfg.max_minutes * 60))
-        if progress >= 1 or stop.set:
-            break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(tc, step, progress)
-        loss = flow_loss(pipe, data, ids.input_ids, tc, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(params)
-        step += 1
-        running = loss.item() if math.isnan(running) else 0.98 * running + 0.02 * loss.item()
-        if step % cfg.log_every == 0 or step == 1:
-            history.append({"step": step, "loss": round(running, 5), "seconds": round(elapsed, 1)})
-            log.info(
-                "step %d  loss %.5f  lr %.2e  progress %.3f  (%.0f s, %.3f s/step, load %.1f)",
-                step,
-                running,
-                opt.param_groups[0]["lr"],
-                progress,
-                elapsed,
-                (time.perf_counter() - t0) / (step - first_step),
-                os.getloadavg()[0],
-            )
-        if step % tc.checkpoint_every == 0:
-            checkpoint()
-    checkpoint()
+        },
+        state_path,
+        gen,
+    )
     ema.copy_to(params)
     for model in models.values():
         model.eval()
     pipe.transformer.set_attn_processor(default_processors)
-    seconds = elapsed_before + time.perf_counter() - t0
-    return {"steps_done": step, "final_loss": running, "train_seconds": round(seconds, 1), "history": history}
+    return stats
 
 
 def disk_bytes(root: Path) -> dict[str, int]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
 # sibling script (run as `python scripts/...`, its directory is on sys.path): the shared training pieces
-from train_digits_flow import StopFlag, disk_bytes, learning_rate, save_state, training_latents
+from train_digits_flow import disk_bytes, resume, run_steps, training_latents
 
 from ddim_lab.data import digits
 
@@ -142,66 +141,33 @@ def train(
     student, target = models["student"], models["target"]
     params = list(student.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    step, elapsed_before, history = 0, 0.0, []
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+
+    def load(state: dict) -> None:
         student.load_state_dict(state["student"])
         target.load_state_dict(state["target"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        step, elapsed_before, history = state["step"], state["seconds"], state["history"]
-        log.info("resumed at step %d (%.0f s)", step, elapsed_before)
-    student.train()
-    stop, running, t0, first_step = StopFlag(), float("nan"), time.perf_counter(), step
 
-    def checkpoint() -> None:
-        state = {
-            "step": step,
-            "seconds": elapsed_before + time.perf_counter() - t0,
-            "history": history,
-            "student": student.state_dict(),
-            "target": target.state_dict(),
-            "opt": opt.state_dict(),
-            "gen": gen.get_state(),
-        }
-        save_state(state_path, state)
-
-    while True:
-        elapsed = elapsed_before + time.perf_counter() - t0
-        progress = max(step / tc.steps, elapsed / (cfg.max_minutes * 60))
-        if progress >= 1 or stop.set:
-            break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(tc, step, progress)
-        loss = lcd_loss(models, data, embeds, solver, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    def ema() -> None:
         with torch.no_grad():  # θ⁻ ← μ θ⁻ + (1 − μ) θ
             for p_target, p in zip(target.parameters(), params, strict=True):
                 p_target.lerp_(p, 1 - cfg.lcd.target_ema)
-        step += 1
-        running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
-        if step % cfg.log_every == 0 or step == 1:
-            history.append({"step": step, "loss": round(running, 6), "seconds": round(elapsed, 1)})
-            log.info(
-                "step %d/%d  loss %.6f  lr %.2e  progress %.3f  (%.0f s, %.3f s/step, load %.1f)",
-                step,
-                tc.steps,
-                running,
-                opt.param_groups[0]["lr"],
-                progress,
-                elapsed,
-                (time.perf_counter() - t0) / (step - first_step),
-                os.getloadavg()[0],
-            )
-        if step % tc.checkpoint_every == 0:
-            checkpoint()
-    checkpoint()
+
+    run = resume(cfg, state_path, gen, load)
+    student.train()
+    stats = run_steps(
+        run,
+        cfg,
+        opt,
+        params,
+        lambda: lcd_loss(models, data, embeds, solver, cfg, gen),
+        ema,
+        lambda: {"student": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict()},
+        state_path,
+        gen,
+        smoothing=0.95,
+    )
     student.eval()
-    seconds = elapsed_before + time.perf_counter() - t0
-    return {"steps_done": step, "final_loss": running, "train_seconds": round(seconds, 1), "history": history}
+    return stats
 
 
 @hydra.main(version_base="1.3", config_path="../conf/train", config_name="digits_lcm")

@@ -68,6 +68,30 @@ def digits(cache_dir):
 DIGITS = ROOT / "ddim_lab" / "assets" / "digits-heldout"
 
 
+@pytest.fixture(scope="module")
+def digits_flow(cache_dir):
+    """The shipped digits flow model (SD3 architecture), loaded per test module (tests may hook its layers)."""
+    from ddim_lab.models.loading import load_model
+
+    return load_model(model_spec("digits-flow"), {"device": "cpu"}, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_flow(cache_dir):
+    """Seeded random weights in the SD3 classes (built once into the session cache, loaded per module)."""
+    from ddim_lab.models.loading import load_model
+
+    return load_model(model_spec("tiny-flow"), {"device": "cpu"}, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(cache_dir):
+    """Seeded random weights in the FLUX classes (built once into the session cache, loaded per module)."""
+    from ddim_lab.models.loading import load_model
+
+    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
+
+
 def lab_config(*overrides: str, model: str = "tiny", steps: int = 8, cache: Path | None = None):
     """The lab's config composed as the CLI composes it, for tests: CPU, no LPIPS, no progress bars;
     ``cache=None`` disables the inversion cache, and built models then go to the session's cache folder

@@ -23,7 +23,7 @@ from ddim_lab.errors import ConfigError
 from ddim_lab.methods.editing import make_editor
 from ddim_lab.methods.inversion import INVERTERS, make_inverter
 from ddim_lab.study.runner import Runner
-from tests.conftest import DIGITS, model_spec
+from tests.conftest import DIGITS
 
 # evaluations per image at guidance 1, start 0, written from each method's paper (the list), not from
 # the lab's formulas: a budget K must give the largest N with cost(N) <= K
@@ -95,13 +95,6 @@ def test_null_text_is_budgeted_at_its_worst_case():
     assert budget_steps(cfg) == 3
     cfg.inverter.inner_steps = 2
     assert budget_steps(cfg) == 6  # 7 a step
-
-
-@pytest.fixture(scope="module")
-def digits_flow(cache_dir):
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("digits-flow"), {"device": "cpu"}, cache_dir)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 7.5])

@@ -156,3 +156,7 @@ def test_distillation_script_smoke_run_produces_a_loadable_model(tmp_path, monke
     model = load_model(spec, {"device": "cpu"}, tmp_path / "cache")
     assert model.pipe.scheduler.config.timestep_spacing == "trailing"
     assert model.pipe.unet.dtype == torch.float32  # saved in fp16, loaded at the runtime's dtype
+    # the shared loop resumes from its checkpoint (train_digits_flow.resume / run_steps)
+    again = run_here(as_main(path), [str(path), *args, "resume=true", "train.steps=3"], tmp_path, {})
+    assert again.returncode == 0 and "resumed at step 2" in again.stderr, again.stderr[-3000:]
+    assert json.loads((out / "train_stats.json").read_text())["steps_done"] == 3

@@ -26,24 +26,10 @@ from ddim_lab.methods.editing.uni_edit import fuse, region_mask
 from ddim_lab.methods.inversion import make_inverter
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from ddim_lab.models.latent import FlowModel
-from tests.conftest import lab_config, model_spec
+from tests.conftest import lab_config
 
 N = 4
 FULL = {"inject": 1.0, "share_from": 0.0}  # every block, every step
-
-
-@pytest.fixture(scope="module")
-def digits_flow(cache_dir) -> FlowModel:
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("digits-flow"), {"device": "cpu"}, cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(cache_dir) -> FlowModel:
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
 
 
 def edit_batch(model: FlowModel, inverter_name: str, guidance: float, targets: list[str] | None = None):

@@ -32,7 +32,7 @@ from ddim_lab.methods.inversion import make_inverter, make_plan
 from ddim_lab.methods.inversion.base import InvertContext, Inverter, SampleRows
 from ddim_lab.study.cache import InversionCache
 from ddim_lab.study.runner import Runner
-from tests.conftest import DIGITS, lab_config, model_spec
+from tests.conftest import DIGITS, lab_config
 from tests.denoisers import GaussianFlowDenoiser, LinearFlowDenoiser, ToyFlowDenoiser, sd_scheduler, toy_cond
 
 FLOW = ["flow_euler", "rf_solver", "fireflow", "uni_inv", "rf_inversion"]
@@ -236,13 +236,6 @@ def test_bad_knobs_are_rejected(spec, match):
 
 
 # -- end to end on tiny-flow -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_flow(cache_dir):
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flow"), {"device": "cpu"}, cache_dir)
 
 
 @pytest.mark.parametrize("name", FLOW)

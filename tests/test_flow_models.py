@@ -30,16 +30,6 @@ STEPS = 4
 PROMPTS = ["a cat", "a dog photograph"]
 
 
-@pytest.fixture(scope="module")
-def tiny_flow(cache_dir) -> FlowModel:
-    return load_model(model_spec("tiny-flow"), {"device": "cpu"}, cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(cache_dir) -> FlowModel:
-    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
-
-
 def noise(model: FlowModel, seed: int = 0) -> torch.Tensor:
     return torch.randn(len(PROMPTS), *model.latent_shape, generator=torch.Generator().manual_seed(seed))
 

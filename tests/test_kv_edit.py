@@ -16,26 +16,11 @@ from ddim_lab.engine.flow_denoiser import FlowDenoiser
 from ddim_lab.errors import ConfigError
 from ddim_lab.methods.editing import make_editor
 from ddim_lab.methods.editing.kv_edit import derived_mask, latent_mask, token_mask
-from ddim_lab.models.latent import FlowModel
 from ddim_lab.study.runner import Runner, load_items
-from tests.conftest import lab_config, model_spec
+from tests.conftest import lab_config
 from tests.test_flow_editors import edit_batch
 
 ATOL = 1e-5  # batch-size rounding (the pairs batch differently from a plain reconstruction)
-
-
-@pytest.fixture(scope="module")
-def digits_flow(cache_dir) -> FlowModel:
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("digits-flow"), {"device": "cpu"}, cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(cache_dir) -> FlowModel:
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
 
 
 def corner(resolution: int) -> torch.Tensor:

@@ -25,20 +25,12 @@ from ddim_lab.methods.inversion import make_inverter
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from ddim_lab.methods.inversion.flow_solver import flow_levels
 from ddim_lab.models.latent import FlowModel
-from tests.conftest import model_spec
 from tests.references import rf_edit as ref
 from tests.references import uni_edit as uni_ref
 
 N, GUIDANCE = 4, 3.0
 SOURCE, TARGET = ["a photograph of the cat", "a cat"], ["a photograph of the dog", "a dog"]
 RTOL = 1e-5  # max |Δ| ≤ RTOL × max |reference|: float32 rounding
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(cache_dir) -> FlowModel:
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
 
 
 def reference_model(

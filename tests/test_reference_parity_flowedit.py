@@ -135,13 +135,6 @@ def test_flowedit_from_a_later_start_step_starts_its_path_there(flow_model, setu
     assert (ours - theirs).abs().max() < 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(cache_dir):
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
-
-
 def flux_reference(model, x0, source, target, knobs: dict, calls: list[int]) -> torch.Tensor:
     """``FlowEditFLUX`` on the lab's FLUX transformer: its own schedule, packed latents, embedded guidance."""
     H, W = x0.shape[-2:]

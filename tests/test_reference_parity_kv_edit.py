@@ -20,21 +20,12 @@ from ddim_lab.methods.editing import EditPrompts, make_editor
 from ddim_lab.methods.inversion import make_inverter
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from ddim_lab.methods.inversion.flow_solver import flow_levels
-from ddim_lab.models.latent import FlowModel
-from tests.conftest import model_spec
 from tests.references import kv_edit as ref
 from tests.test_reference_parity_flow_editors import reference_model
 
 N, GUIDANCE, SCALE = 4, 3.0, 1.0
 SOURCE, TARGET = ["a photograph of the cat", "a cup of coffee"], ["a photograph of the dog", "a cup of flower"]
 RTOL = 1e-5  # max |Δ| ≤ RTOL × max |reference|: float32 rounding
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(cache_dir) -> FlowModel:
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flux"), {"device": "cpu"}, cache_dir)
 
 
 def masks(resolution: int) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from ddim_lab.config.compose import CONF_DIR
 from ddim_lab.data.folders import load_dataset
 from ddim_lab.methods.control import control_settings
 from ddim_lab.study.runner import Runner
-from tests.conftest import DIGITS, lab_config, model_spec
+from tests.conftest import DIGITS, lab_config
 
 FLOW = ("flow_euler", "rf_solver", "fireflow", "uni_inv", "rf_inversion")
 INVERTERS = sorted(p.stem for p in (Path(CONF_DIR) / "inverter").glob("*.yaml"))
@@ -25,13 +25,6 @@ INVERTERS = sorted(p.stem for p in (Path(CONF_DIR) / "inverter").glob("*.yaml"))
 def yaml_knobs(group: str, name: str) -> set[str]:
     """The knobs a ``conf/GROUP/NAME.yaml`` declares (every key but ``name``)."""
     return set(OmegaConf.load(Path(CONF_DIR) / group / f"{name}.yaml")) - {"name"}
-
-
-@pytest.fixture(scope="module")
-def tiny_flow(cache_dir):
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("tiny-flow"), {"device": "cpu"}, cache_dir)
 
 
 def test_rf_inversion_eta_changes_the_rows_not_the_cache_key(tiny_flow, tmp_path):

@@ -35,13 +35,6 @@ CLIP_TOKENS = 16  # digits-flow's tokenizer length; then 256 zero tokens
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def digits_flow(cache_dir):
-    from ddim_lab.models.loading import load_model
-
-    return load_model(model_spec("digits-flow"), {"device": "cpu"}, cache_dir)
-
-
 class ContextLengths:
     """Records the context length every transformer call sees (a hook on ``context_embedder``)."""
 
