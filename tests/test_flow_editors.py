@@ -157,6 +157,11 @@ def test_injection_editors_need_a_flow_transformer():
         (("model=digits-flow", "editor=rf_edit", "editor.share_from=-1"), "share_from=-1"),
         (("editor=uni_edit",), "editor=uni_edit runs on flow models only"),
         (("model=digits-flow", "editor=uni_edit", "editor.omega=-1"), "omega=-1 must be a number >= 0"),
+        (("editor=kv_edit",), "editor=kv_edit runs on flow models only"),
+        (("model=digits-flow", "editor=kv_edit", "editor.mask=data"), "mask=data needs the data's edit masks"),
+        (("model=digits-flow", "editor=kv_edit", "editor.mask=attention"), "mask='attention' must be one of"),
+        (("model=digits-flow", "editor=kv_edit", "editor.attn_scale=-1"), "attn_scale=-1 must be a number"),
+        (("model=digits-flow", "editor=kv_edit", "editor.threshold=1"), "threshold=1 must be a fraction"),
     ],
 )
 def test_bad_flow_editor_config_stops_before_any_model_loads(overrides, message):

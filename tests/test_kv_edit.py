@@ -13,7 +13,6 @@ import torch
 
 from ddim_lab.config.validate import validate
 from ddim_lab.engine.flow_denoiser import FlowDenoiser
-from ddim_lab.errors import ConfigError
 from ddim_lab.methods.editing import make_editor
 from ddim_lab.methods.editing.kv_edit import derived_mask, latent_mask, token_mask
 from ddim_lab.study.runner import Runner, load_items
@@ -112,22 +111,3 @@ def test_engine_counts_its_formula_and_the_data_mask_enters_the_protocol(digits_
     kv, swap = runner.protocol, runners["prompt_swap"].protocol
     assert kv.mask_use == "input" and swap.mask_use == "score-only"
     assert kv.id() != swap.id() and {r["protocol"] for r in rows} == {kv.id()}
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (("editor=kv_edit",), "editor=kv_edit runs on flow models only"),
-        (("model=digits-flow", "editor=kv_edit", "editor.mask=data"), "mask=data needs the data's edit masks"),
-        (("model=digits-flow", "editor=kv_edit", "editor.mask=attention"), "mask='attention' must be one of"),
-        (("model=digits-flow", "editor=kv_edit", "editor.attn_scale=-1"), "attn_scale=-1 must be a number"),
-        (("model=digits-flow", "editor=kv_edit", "editor.threshold=1"), "threshold=1 must be a fraction"),
-    ],
-)
-def test_bad_kv_edit_config_stops_before_any_model_loads(overrides, message):
-    model = "digits" if "model=digits-flow" not in overrides else "digits-flow"
-    rest = [o for o in overrides if not o.startswith("model=")]
-    cfg = lab_config("task=edit", "edit_prompt=a handwritten digit eight", *rest, model=model)
-    with pytest.raises(ConfigError, match=message) as err:
-        validate(cfg)
-    assert "\n" not in str(err.value)
