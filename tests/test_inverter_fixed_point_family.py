@@ -74,8 +74,8 @@ def test_anderson_solves_a_linear_fixed_point_on_which_the_plain_iteration_diver
 def test_anderson_reconstructs_better_at_high_guidance_on_the_digits_model(digits):
     """Inverted and sampled at 7.5, N = 10, five iterations a step: Anderson's latent error is about half the
     plain iteration's (measured on these four digits: mean latent MSE 0.090 plain, 0.046 Anderson; per image
-    0.051/0.0026/0.0038/0.30 → 0.17/5e-5/0.0027/0.010: one image gets worse, at steps where no root is near,
-    see docs/BENCHMARKS.md)."""
+    0.051/0.0026/0.0038/0.30 → 0.17/5e-5/0.0027/0.010: one image gets worse, at steps where Anderson stalls
+    at a fold of the sampling step short of the root, see docs/BENCHMARKS.md)."""
     items = load_dataset(DIGITS, digits.resolution, "")[:4]
     x0 = digits.encode(torch.stack([it.image for it in items]))
     n = len(items)

@@ -20,8 +20,11 @@ an implicit equation: ε is wanted at the unknown noisier latent. Plain DDIM inv
        ``ddim_lab.methods.inversion.anderson`` over the last ``anderson_m`` + 1 iterates and their images
        step_up(z'; ε(z^i)): the same evaluations, but it converges where the plain iteration does not (at
        high guidance the guided ε amplifies a change of z, and (1) stops contracting). On the digits model at
-       guidance 7.5 it reaches the VAE ceiling at N = 50 (plain: 2.1 dB below), not at N = 10, where some
-       steps have no root of (1) near the DDIM guess (docs/BENCHMARKS.md, "The fixed-point family");
+       guidance 7.5 it reaches the VAE ceiling at N = 50 (plain: 2.1 dB below), not at N = 10. There it
+       stalls near folds of the sampling step (where the Jacobian of (1) is singular); on many of those steps
+       a root exists beyond the fold, at which the step map expands (|eigenvalues| up to 2.9), and
+       Levenberg–Marquardt on the full Jacobian reaches it; on some it finds none either
+       (docs/BENCHMARKS.md, "The fixed-point family");
     3. optional (ReNoise's averaging of the noise predictions): the step is taken once more with the mean of the
        last ``average`` noise predictions, ε̄ = mean(ε_{iters−average+1} … ε_iters), z = step_up(z'; ε̄) (no
        evaluation: it damps the oscillation of a fixed-point sequence that does not contract fast).
