@@ -20,13 +20,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ddim_lab.data import digits
-from ddim_lab.engine.flow_denoiser import image_ids, pack_latents
+from ddim_lab.engine.flow_denoiser import pack_latents
 from ddim_lab.methods.editing import EditPrompts, make_editor
 from ddim_lab.methods.inversion import make_inverter
 from ddim_lab.methods.inversion.base import InvertContext, SampleRows
 from ddim_lab.study.accounting import cost_guidance
 from tests.conftest import model_spec
 from tests.references import flowedit as ref
+from tests.test_reference_parity_flow_editors import reference_model
 
 N, SEED = 6, 5
 G_SRC, G_TAR = 1.5, 4.5
@@ -137,29 +138,18 @@ def test_flowedit_from_a_later_start_step_starts_its_path_there(flow_model, setu
 
 def flux_reference(model, x0, source, target, knobs: dict, calls: list[int]) -> torch.Tensor:
     """``FlowEditFLUX`` on the lab's FLUX transformer: its own schedule, packed latents, embedded guidance."""
-    H, W = x0.shape[-2:]
     packed = pack_latents(x0)  # (1, H/2 · W/2, 4C)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.pipe.scheduler.config)
     c = scheduler.config
     mu = calculate_shift(packed.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), mu=mu)
-    conds = {
-        "src": (model.conditioning([source], [G_SRC]), G_SRC),
-        "tar": (model.conditioning([target], [G_TAR]), G_TAR),
+    models = {  # calc_v_flux with each prompt and its embedded guidance (the FLUX call of the editors' test)
+        "src": reference_model(model, [source], x0.shape, guidance=G_SRC),
+        "tar": reference_model(model, [target], x0.shape, guidance=G_TAR),
     }
 
     def velocity(latents: torch.Tensor, t: torch.Tensor, which: str) -> torch.Tensor:
-        cond, g = conds[which]
-        return model.network(
-            hidden_states=latents,
-            timestep=t.expand(len(latents)) / 1000,
-            guidance=torch.full((len(latents),), g),
-            pooled_projections=cond.extra["pooled"],
-            encoder_hidden_states=cond.text,
-            txt_ids=torch.zeros(cond.text.shape[1], 3),
-            img_ids=image_ids(H, W, latents.device, latents.dtype),
-            return_dict=False,
-        )[0]
+        return models[which](latents, float(t) / 1000)  # calc_v_flux's timestep / 1000
 
     gen = torch.Generator().manual_seed(SEED)
 
