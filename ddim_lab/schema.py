@@ -245,7 +245,7 @@ def metric_columns(df: pd.DataFrame, role: str = METRIC) -> list[str]:
     return [m for m in names if pd.to_numeric(df[m], errors="coerce").notna().any()]
 
 
-def _nunique(series: pd.Series) -> int:
+def nunique(series: pd.Series) -> int:
     """Distinct values of ``series``, every kind of missing (None, NaN, NA) counted as one value."""
     present = series.dropna()
     try:
@@ -283,7 +283,7 @@ def grouping_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]
     frame).
     ``protocol`` is always a key when it varies: protocols are never pooled."""
     df = normalize(df)
-    varying = [c for c in config_columns(df) if _nunique(df[c]) > 1]
+    varying = [c for c in config_columns(df) if nunique(df[c]) > 1]
     attributes = [c for c in image_attributes(df, varying) if c != PROTOCOL]
     keys = [c for c in varying if c not in attributes]
     partial = [
@@ -308,18 +308,6 @@ def label(name: str) -> str:
     """A column's axis/table label with its unit, e.g. ``psnr (dB)``."""
     col = BY_NAME.get(name)
     return f"{name} ({col.unit})" if col is not None and col.unit else name
-
-
-def protocol_problem(df: pd.DataFrame) -> str | None:
-    """One line when ``df`` mixes protocols (their numbers must not be averaged together), else None."""
-    if PROTOCOL not in df.columns or _nunique(df[PROTOCOL]) < 2:
-        return None
-    values = sorted(df[PROTOCOL].dropna().astype(str).unique())
-    values += ["(none)"] if df[PROTOCOL].isna().any() else []
-    return (
-        f"rows come from {len(values)} protocols ({', '.join(values)}): numbers from different protocols are "
-        "not comparable, so the report groups by protocol and never averages or pairs rows across them"
-    )
 
 
 def normalize(df: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ddim_lab.report.protocols import protocol_problem
 from ddim_lab.report.replicates import without_seed
 from ddim_lab.report.stats import (
     DEFAULT,
@@ -33,7 +34,6 @@ from ddim_lab.schema import (
     grouping_frame,
     metric_columns,
     normalize,
-    protocol_problem,
 )
 
 DEFAULT_BASELINES = {"inverter": "ddim"}  # else the first value in sort order

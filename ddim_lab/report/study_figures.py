@@ -25,6 +25,7 @@ import pandas as pd
 
 from ddim_lab.config.report_spec import fill_template
 from ddim_lab.report.figures import CEILINGS, LINESTYLES, pareto_front
+from ddim_lab.report.protocols import mixes_protocols
 from ddim_lab.report.stats import Bootstrap, group_intervals
 from ddim_lab.report.text import short_value
 from ddim_lab.schema import BY_NAME, PROTOCOL, label
@@ -74,7 +75,7 @@ def study_figure(rows: pd.DataFrame, spec: dict, settings: Bootstrap, path: Path
     along, lines, panel_key = spec["along"] or spec["x"], list(spec["lines"]), spec["panels"]
     keys = [*([panel_key] if panel_key else []), *lines, along]
     keys += [spec["annotate"]] if spec["annotate"] and spec["annotate"] not in keys else []
-    if PROTOCOL in rows.columns and rows[PROTOCOL].dropna().astype(str).nunique() > 1 and PROTOCOL not in keys:
+    if mixes_protocols(rows) and PROTOCOL not in keys:
         keys.append(PROTOCOL)  # a point never pools protocols
     x_col = "__x" if spec["x"] == along else f"{spec['x']}_mean"
     points = group_intervals(rows, keys, [*metrics, *([] if spec["x"] == along else [spec["x"]])], settings)

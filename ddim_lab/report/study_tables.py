@@ -26,6 +26,7 @@ from ddim_lab.config.report_spec import (
     is_missing,
     template_fields,
 )
+from ddim_lab.report.protocols import mixes_protocols
 from ddim_lab.report.stats import Bootstrap, group_intervals, paired_comparisons
 from ddim_lab.report.text import fmt, interval_cell, key_text
 from ddim_lab.schema import PROTOCOL
@@ -199,8 +200,7 @@ def paired_wide(rows: pd.DataFrame, table: dict, settings: Bootstrap):
 def with_protocol(rows: pd.DataFrame, table: dict) -> dict:
     """``table`` grouped by ``protocol`` too where the rows hold several (say, an editor given the benchmark's
     masks as input): rows of different protocols are never pooled, nor paired across."""
-    varies = PROTOCOL in rows.columns and rows[PROTOCOL].dropna().astype(str).nunique() > 1
-    if not varies or PROTOCOL in table["group_by"] or table.get("compare") == PROTOCOL:
+    if not mixes_protocols(rows) or PROTOCOL in table["group_by"] or table.get("compare") == PROTOCOL:
         return table
     return {**table, "group_by": [*table["group_by"], PROTOCOL]}
 
